@@ -1,1 +1,308 @@
-//! TODO
+//! Sans-I/O codecs: bytes in, reply bytes out.
+//!
+//! Nothing here knows about sockets, threads, clocks or metrics, so every line of it
+//! can be unit-tested, property-tested and fuzzed on plain slices. The worker feeds
+//! each read's bytes to [`Decoder::feed`], sends whatever was appended to `out`, and
+//! calls [`Decoder::finish`] when the client has half-closed.
+//!
+//! "Need more bytes" is not an error: a partial line simply stays in the decoder.
+//! The only error is a line over the limit, after which the decoder refuses all
+//! further input (the connection is being closed).
+
+/// The reply prefix of the tutorial's protocol.
+const ACK_PREFIX: &[u8] = b"Server received \"";
+
+/// Sent, in line framing, for a line longer than `max_line_bytes`.
+pub const LINE_TOO_LONG: &[u8] = b"ERROR line too long\n";
+
+/// What the server does with the bytes it receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// `mode = "ack"`, `framing = "read"`: one reply per read chunk.
+    AckRead,
+    /// `mode = "ack"`, `framing = "line"`: one reply per `\n`-terminated line.
+    AckLine {
+        /// Longest line accepted, counted without its terminator.
+        max_line_bytes: usize,
+    },
+    /// `mode = "echo"` (RFC 862): every byte comes back unchanged.
+    Echo,
+}
+
+/// The one protocol error: a line over `max_line_bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LineTooLong;
+
+impl std::fmt::Display for LineTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("line too long")
+    }
+}
+
+impl std::error::Error for LineTooLong {}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Decoder {
+    codec: Codec,
+    /// Line framing: the bytes of an unfinished line. Never longer than
+    /// `max_line_bytes + 1` (room for a `\r` whose `\n` has not arrived yet).
+    partial: Vec<u8>,
+    /// Set after [`LineTooLong`]: all further input is ignored.
+    failed: bool,
+}
+
+/// A partial-line buffer that grew past this is freed rather than kept, so that an
+/// idle connection costs a few bytes, not its largest line ever.
+const KEEP_PARTIAL_CAPACITY: usize = 4096;
+
+impl Decoder {
+    /// A fresh decoder for one connection.
+    pub fn new(codec: Codec) -> Decoder {
+        Decoder {
+            codec,
+            partial: Vec::new(),
+            failed: false,
+        }
+    }
+
+    /// The codec this decoder runs.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Bytes held for an unfinished line.
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Heap bytes this decoder holds (for memory accounting).
+    pub fn capacity(&self) -> usize {
+        self.partial.capacity()
+    }
+
+    /// Feeds the bytes of one read. Replies are appended to `out`; returns how many
+    /// messages were answered. After `Err(LineTooLong)`, `out` ends with
+    /// [`LINE_TOO_LONG`] (after the replies to any earlier complete lines) and all
+    /// later input is ignored.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<u64, LineTooLong> {
+        if self.failed || input.is_empty() {
+            return if self.failed { Err(LineTooLong) } else { Ok(0) };
+        }
+        match self.codec {
+            Codec::Echo => {
+                out.extend_from_slice(input);
+                Ok(1)
+            }
+            Codec::AckRead => {
+                let (body, newline) = strip_terminator(input);
+                push_ack(out, body, newline);
+                Ok(1)
+            }
+            Codec::AckLine { max_line_bytes } => self.feed_lines(input, max_line_bytes, out),
+        }
+    }
+
+    fn feed_lines(&mut self, input: &[u8], max: usize, out: &mut Vec<u8>) -> Result<u64, LineTooLong> {
+        let mut messages = 0;
+        let mut rest = input;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            let segment = &rest[..i];
+            rest = &rest[i + 1..];
+            let line: &[u8] = if self.partial.is_empty() {
+                segment
+            } else {
+                self.partial.extend_from_slice(segment);
+                &self.partial
+            };
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.len() > max {
+                return Err(self.fail(out));
+            }
+            push_ack(out, line, true);
+            messages += 1;
+            self.clear_partial();
+        }
+        // An unfinished line: keep it, unless it can no longer fit. One byte more
+        // than the limit is allowed only if it is a `\r` that a `\n` may follow.
+        let held = self.partial.len() + rest.len();
+        if held > max + 1 || (held == max + 1 && rest.last().copied() != Some(b'\r')) {
+            return Err(self.fail(out));
+        }
+        self.partial.extend_from_slice(rest);
+        Ok(messages)
+    }
+
+    /// The client half-closed: answers an unfinished final line (without a trailing
+    /// `\n`, as it had none). Returns how many messages were answered (0 or 1).
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> u64 {
+        if self.failed || self.partial.is_empty() {
+            return 0;
+        }
+        push_ack(out, &self.partial, false);
+        self.clear_partial();
+        1
+    }
+
+    fn fail(&mut self, out: &mut Vec<u8>) -> LineTooLong {
+        self.failed = true;
+        self.partial = Vec::new();
+        out.extend_from_slice(LINE_TOO_LONG);
+        LineTooLong
+    }
+
+    fn clear_partial(&mut self) {
+        if self.partial.capacity() > KEEP_PARTIAL_CAPACITY {
+            self.partial = Vec::new();
+        } else {
+            self.partial.clear();
+        }
+    }
+}
+
+/// Splits one trailing `\n` or `\r\n` off a read chunk.
+fn strip_terminator(chunk: &[u8]) -> (&[u8], bool) {
+    match chunk.strip_suffix(b"\n") {
+        Some(body) => (body.strip_suffix(b"\r").unwrap_or(body), true),
+        None => (chunk, false),
+    }
+}
+
+/// Appends `Server received "<body>"`, plus `\n` if asked. Bytes go through as they
+/// are: no decoding, no escaping (DESIGN.md).
+fn push_ack(out: &mut Vec<u8>, body: &[u8], newline: bool) {
+    out.reserve(ACK_PREFIX.len() + body.len() + 2);
+    out.extend_from_slice(ACK_PREFIX);
+    out.extend_from_slice(body);
+    out.push(b'"');
+    if newline {
+        out.push(b'\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(codec: Codec, reads: &[&[u8]], eof: bool) -> (Vec<u8>, u64, Option<LineTooLong>) {
+        let mut d = Decoder::new(codec);
+        let mut out = Vec::new();
+        let mut n = 0;
+        for r in reads {
+            match d.feed(r, &mut out) {
+                Ok(m) => n += m,
+                Err(e) => return (out, n, Some(e)),
+            }
+        }
+        if eof {
+            n += d.finish(&mut out);
+        }
+        (out, n, None)
+    }
+
+    const LINE: Codec = Codec::AckLine { max_line_bytes: 8 };
+
+    #[test]
+    fn read_framing_one_reply_per_chunk() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"hi", b"Server received \"hi\""),
+            (b"hi\n", b"Server received \"hi\"\n"),
+            (b"hi\r\n", b"Server received \"hi\"\n"),
+            (b"\n", b"Server received \"\"\n"),
+            (b"\r\n", b"Server received \"\"\n"),
+            (b"\r", b"Server received \"\r\""),
+            (b"a\nb\n", b"Server received \"a\nb\"\n"),
+            (b"a\r\r\n", b"Server received \"a\r\"\n"),
+            (b"\xff\x00\"q", b"Server received \"\xff\x00\"q\""),
+        ];
+        for (input, want) in cases {
+            let (out, n, err) = run(Codec::AckRead, &[input], true);
+            assert_eq!(out, *want, "input {input:?}");
+            assert_eq!((n, err), (1, None));
+        }
+    }
+
+    #[test]
+    fn line_framing_lines_partials_and_crlf() {
+        let (out, n, _) = run(LINE, &[b"a\nb", b"c\r", b"\n\n", b"\x00\xfe\n"], true);
+        assert_eq!(out, b"Server received \"a\"\nServer received \"bc\"\nServer received \"\"\nServer received \"\x00\xfe\"\n");
+        assert_eq!(n, 4);
+    }
+
+    #[test]
+    fn line_framing_only_one_cr_dropped() {
+        let (out, _, _) = run(LINE, &[b"x\r\r\n"], false);
+        assert_eq!(out, b"Server received \"x\r\"\n");
+    }
+
+    #[test]
+    fn line_framing_final_line_without_newline_answered_at_eof() {
+        let (out, n, _) = run(LINE, &[b"a\nlast"], true);
+        assert_eq!(out, b"Server received \"a\"\nServer received \"last\"");
+        assert_eq!(n, 2);
+        let (out, n, _) = run(LINE, &[b"a\n"], true);
+        assert_eq!((out.as_slice(), n), (&b"Server received \"a\"\n"[..], 1));
+        let (out, _, _) = run(LINE, &[b"cr\r"], true);
+        assert_eq!(out, b"Server received \"cr\r\"");
+    }
+
+    #[test]
+    fn line_at_limit_passes_with_any_terminator() {
+        for input in [&b"12345678\n"[..], b"12345678\r\n"] {
+            let (out, n, err) = run(LINE, &[input], true);
+            assert_eq!(out, b"Server received \"12345678\"\n");
+            assert_eq!((n, err), (1, None));
+        }
+        // Split right after the `\r` that takes the buffer one past the limit.
+        let (out, _, err) = run(LINE, &[b"12345678\r", b"\n"], true);
+        assert_eq!((out.as_slice(), err), (&b"Server received \"12345678\"\n"[..], None));
+    }
+
+    #[test]
+    fn line_over_limit_is_an_error_without_waiting_for_newline() {
+        let (out, n, err) = run(LINE, &[b"ok\n123456789"], false);
+        assert_eq!(out, b"Server received \"ok\"\nERROR line too long\n");
+        assert_eq!((n, err), (1, Some(LineTooLong)));
+        let (out, _, err) = run(LINE, &[b"1234", b"5678", b"9"], false);
+        assert_eq!((out.as_slice(), err), (LINE_TOO_LONG, Some(LineTooLong)));
+        let (_, _, err) = run(LINE, &[b"12345678\rx"], false);
+        assert_eq!(err, Some(LineTooLong));
+        let (_, _, err) = run(LINE, &[b"123456789\n"], false);
+        assert_eq!(err, Some(LineTooLong));
+    }
+
+    #[test]
+    fn after_an_error_input_is_refused_and_eof_answers_nothing() {
+        let mut d = Decoder::new(LINE);
+        let mut out = Vec::new();
+        assert!(d.feed(b"123456789", &mut out).is_err());
+        out.clear();
+        assert_eq!(d.feed(b"fine\n", &mut out), Err(LineTooLong));
+        assert_eq!(d.finish(&mut out), 0);
+        assert!(out.is_empty());
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn echo_returns_bytes_unchanged() {
+        let (out, _, _) = run(Codec::Echo, &[b"\x00\xff\r\n", b"x"], true);
+        assert_eq!(out, b"\x00\xff\r\nx");
+    }
+
+    #[test]
+    fn empty_reads_answer_nothing() {
+        for codec in [Codec::AckRead, LINE, Codec::Echo] {
+            let (out, n, _) = run(codec, &[b""], true);
+            assert_eq!((out.len(), n), (0, 0), "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn big_partial_buffer_is_released_after_the_line() {
+        let mut d = Decoder::new(Codec::AckLine { max_line_bytes: 65536 });
+        let mut out = Vec::new();
+        d.feed(&vec![b'a'; 50_000], &mut out).unwrap();
+        d.feed(b"\n", &mut out).unwrap();
+        assert_eq!(d.capacity(), 0);
+    }
+}

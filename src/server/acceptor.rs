@@ -1,0 +1,202 @@
+//! The accept thread: accept, apply the limits, pick a worker, hand off, wake it.
+//!
+//! Like memcached's dispatcher: the least-loaded worker gets the connection
+//! (round-robin among equals), it travels over that worker's bounded channel, and
+//! the worker is woken once per accept batch, not once per connection. Accept
+//! errors such as EMFILE back off exponentially instead of spinning.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::worker::Handoff;
+use super::Shared;
+use crate::logging::RateLimit;
+use crate::metrics::RejectReason;
+use crate::warn_limited;
+
+pub const LISTENER: Token = Token(0);
+pub const WAKER: Token = Token(1);
+
+/// Connections accepted before the workers that got them are woken.
+const WAKE_BATCH: usize = 64;
+
+/// First and longest pause after an accept error.
+const BACKOFF_MIN: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The acceptor's end of one worker.
+pub struct WorkerLink {
+    pub tx: Sender<Handoff>,
+    pub waker: Arc<Waker>,
+}
+
+/// The accept thread's state.
+pub struct Acceptor {
+    pub poll: Poll,
+    /// Closed (dropped) when shutdown begins, so new clients are refused.
+    pub listener: TcpListener,
+    /// Dropped when the acceptor exits: each worker then sees `Disconnected`.
+    pub workers: Vec<WorkerLink>,
+    pub shared: Arc<Shared>,
+    pub max_connections: usize,
+    pub busy_message: Vec<u8>,
+    next: usize,
+    backoff: Option<Duration>,
+    to_wake: Vec<bool>,
+    error_log: RateLimit,
+}
+
+impl Acceptor {
+    pub fn new(
+        poll: Poll,
+        mut listener: TcpListener,
+        workers: Vec<WorkerLink>,
+        shared: Arc<Shared>,
+        max_connections: usize,
+        busy_message: Vec<u8>,
+    ) -> io::Result<Acceptor> {
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let n = workers.len();
+        Ok(Acceptor {
+            poll,
+            listener,
+            workers,
+            shared,
+            max_connections,
+            busy_message,
+            next: 0,
+            backoff: None,
+            to_wake: vec![false; n],
+            error_log: RateLimit::new(5, Duration::from_secs(10)),
+        })
+    }
+
+    /// Accepts until shutdown is requested, then closes the listener and releases
+    /// the workers.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(16);
+        while !self.shared.stopping.load(Ordering::Acquire) {
+            if let Err(e) = self.poll.poll(&mut events, self.backoff) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("acceptor: poll failed: {e}; stopping");
+                    break;
+                }
+            }
+            if self.shared.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            self.accept_batch();
+        }
+        let Acceptor { listener, workers, .. } = self;
+        drop(listener);
+        log::info!("stopped accepting; draining connections");
+        for w in workers {
+            drop(w.tx);
+            let _ = w.waker.wake();
+        }
+    }
+
+    fn accept_batch(&mut self) {
+        let mut handed = 0;
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    self.backoff = None;
+                    self.dispatch(stream, peer);
+                    handed += 1;
+                    if handed % WAKE_BATCH == 0 {
+                        self.wake_workers();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if super::conn::is_reset(&e) => self.shared.metrics.accept_reset(),
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM...: the connection stays in
+                    // the backlog. Wait and retry rather than spin on the error.
+                    self.shared.metrics.accept_error();
+                    let pause = self.backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
+                    self.backoff = Some(pause);
+                    warn_limited!(self.error_log, Instant::now(), "accept failed: {e}; retrying in {pause:?}");
+                    break;
+                }
+            }
+        }
+        self.wake_workers();
+    }
+
+    fn wake_workers(&mut self) {
+        for (i, flag) in self.to_wake.iter_mut().enumerate() {
+            if std::mem::take(flag) {
+                if let Err(e) = self.workers[i].waker.wake() {
+                    log::error!("acceptor: cannot wake worker-{i}: {e}");
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let shared = self.shared.clone();
+        if shared.stopping.load(Ordering::Acquire) {
+            return self.reject(stream, peer, RejectReason::ShuttingDown);
+        }
+        if shared.metrics.active.load(Ordering::Relaxed) >= self.max_connections {
+            return self.reject(stream, peer, RejectReason::MaxConnections);
+        }
+        if !shared.acquire(peer) {
+            return self.reject(stream, peer, RejectReason::PerIpLimit);
+        }
+        shared.metrics.active.fetch_add(1, Ordering::Relaxed);
+        let first = self.pick_worker();
+        let mut handoff = Handoff { stream, peer };
+        // Try the chosen worker, then the others; if every queue is full, wait on
+        // the chosen one: that is backpressure into the kernel's backlog.
+        for k in 0..self.workers.len() {
+            let i = (first + k) % self.workers.len();
+            match self.workers[i].tx.try_send(handoff) {
+                Ok(()) => return self.handed(i),
+                Err(TrySendError::Full(h)) | Err(TrySendError::Disconnected(h)) => handoff = h,
+            }
+        }
+        self.wake_workers();
+        match self.workers[first].tx.send(handoff) {
+            Ok(()) => self.handed(first),
+            Err(lost) => {
+                log::error!("{}: worker-{first} is gone; closing", lost.0.peer);
+                shared.release(lost.0.peer);
+            }
+        }
+    }
+
+    fn handed(&mut self, worker: usize) {
+        self.to_wake[worker] = true;
+        self.shared.metrics.accepted();
+    }
+
+    /// The worker with the fewest connections (queued ones included), starting the
+    /// scan after the last pick so that ties go round-robin.
+    fn pick_worker(&mut self) -> usize {
+        let n = self.workers.len();
+        let load = |i: usize| self.shared.metrics.worker(i).connections() as usize + self.workers[i].tx.len();
+        let best = (0..n).map(|k| (self.next + k) % n).min_by_key(|&i| load(i)).unwrap_or(0);
+        self.next = (best + 1) % n;
+        best
+    }
+
+    fn reject(&mut self, mut stream: TcpStream, peer: SocketAddr, reason: RejectReason) {
+        self.shared.metrics.rejected(reason);
+        log::debug!("{peer}: rejected ({})", reason.as_str());
+        if !self.busy_message.is_empty() {
+            // Best effort: a fresh socket's send buffer takes a short message.
+            let _ = stream.write(&self.busy_message);
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+}

@@ -1,0 +1,328 @@
+//! One connection's state: the decoder, the bytes owed, deadlines, and how it ends.
+//!
+//! Reads land in the worker's shared buffer; a connection keeps only what it owes
+//! (a partial line in its decoder, replies not yet written), so an idle connection
+//! costs the size of this struct plus its slab slot.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+
+use crate::metrics::{CloseReason, LocalCounters};
+use crate::protocol::{Codec, Decoder};
+
+/// Most reads for one connection in one loop turn, so a busy client cannot starve
+/// the others on its worker; the worker comes back to it on the next turn.
+pub const READ_BUDGET: u32 = 16;
+
+/// After a protocol error the reply is flushed and the write side shut; the input
+/// is then read and dropped for at most this long, so that closing with unread
+/// bytes does not send a RST that could destroy the error reply in flight.
+pub const CLOSE_DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// ... and at most this many bytes are read and dropped.
+pub const CLOSE_DRAIN_BYTES: usize = 1 << 20;
+
+/// A reply buffer that grew past this is freed once empty, so a connection that
+/// once had a burst does not keep the memory while idle.
+const KEEP_OUT_CAPACITY: usize = 16 * 1024;
+
+/// Per-pool settings a connection needs.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub codec: Codec,
+    pub max_pending_write_bytes: usize,
+    pub idle_timeout: Option<Duration>,
+    pub write_timeout: Option<Duration>,
+}
+
+/// What the worker lends a connection while driving it.
+pub struct Ctx<'a> {
+    /// The worker's read buffer.
+    pub buf: &'a mut [u8],
+    /// The worker's reply scratch buffer.
+    pub scratch: &'a mut Vec<u8>,
+    pub counters: &'a mut LocalCounters,
+    pub limits: &'a Limits,
+    pub now: Instant,
+}
+
+/// What the worker should do with a connection after driving it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Wait for the next readiness event or deadline.
+    Wait,
+    /// Drive it again on the next loop turn (read budget used up, or reading
+    /// resumed after flow control) without waiting for an event.
+    Again,
+    /// Close it now, for this reason.
+    Close(CloseReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Reading and answering.
+    Open,
+    /// The client half-closed: send what is owed, then close.
+    ReadClosed,
+    /// Protocol error: send the error, shut the write side, drain input, close.
+    Closing { since: Instant },
+}
+
+/// One client connection.
+pub struct Conn {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Tells apart connections that reuse the same slab slot (stale timers).
+    pub generation: u64,
+    /// The deadline this connection's entry in the worker's timer heap has, if any.
+    pub timer_at: Option<Instant>,
+    pub opened: Instant,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    decoder: Decoder,
+    out: Vec<u8>,
+    out_pos: usize,
+    state: State,
+    write_shut: bool,
+    /// Stopped reading because `max_pending_write_bytes` are owed.
+    paused: bool,
+    last_read: Instant,
+    /// When bytes last left, or when bytes became owed after none were.
+    last_write: Instant,
+    drained: usize,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, peer: SocketAddr, generation: u64, codec: Codec, now: Instant) -> Conn {
+        Conn {
+            stream,
+            peer,
+            generation,
+            timer_at: None,
+            opened: now,
+            bytes_in: 0,
+            bytes_out: 0,
+            decoder: Decoder::new(codec),
+            out: Vec::new(),
+            out_pos: 0,
+            state: State::Open,
+            write_shut: false,
+            paused: false,
+            last_read: now,
+            last_write: now,
+            drained: 0,
+        }
+    }
+
+    /// Bytes owed to the client.
+    pub fn owed(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Flushes what is owed, reads what the client sent (if `readable`), answers it.
+    pub fn drive(&mut self, ctx: &mut Ctx<'_>, readable: bool) -> Next {
+        let mut resumed = false;
+        if self.owed() > 0 {
+            if let Err(reason) = self.flush(ctx) {
+                return Next::Close(reason);
+            }
+            if self.paused && self.owed() < ctx.limits.max_pending_write_bytes {
+                // Edge-triggered readiness will not tell us again about bytes that
+                // arrived while we were not reading: go and read them ourselves.
+                self.paused = false;
+                resumed = true;
+            }
+        }
+        let next = match self.state {
+            State::Open if readable || resumed => self.read_some(ctx),
+            State::Closing { .. } => self.drain_input(ctx),
+            _ => Next::Wait,
+        };
+        match next {
+            Next::Close(_) => next,
+            _ if self.state == State::ReadClosed && self.owed() == 0 => Next::Close(CloseReason::ClientClosed),
+            _ if matches!(self.state, State::Closing { .. }) && self.owed() == 0 && !self.write_shut => {
+                self.write_shut = true;
+                let _ = self.stream.shutdown(Shutdown::Write);
+                self.drain_input(ctx)
+            }
+            _ => next,
+        }
+    }
+
+    fn read_some(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        for _ in 0..READ_BUDGET {
+            if self.owed() >= ctx.limits.max_pending_write_bytes {
+                self.paused = true;
+                return Next::Wait;
+            }
+            let n = match self.stream.read(ctx.buf) {
+                Ok(0) => {
+                    self.state = State::ReadClosed;
+                    ctx.scratch.clear();
+                    ctx.counters.messages += self.decoder.finish(ctx.scratch);
+                    let replies = std::mem::take(ctx.scratch);
+                    let result = self.send(&replies, ctx);
+                    *ctx.scratch = replies;
+                    return result.map_or_else(Next::Close, |_| Next::Wait);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Next::Close(classify(&e, ctx.counters)),
+            };
+            self.bytes_in += n as u64;
+            ctx.counters.received_bytes += n as u64;
+            self.last_read = ctx.now;
+            let sent = if ctx.limits.codec == Codec::Echo {
+                // Echo straight from the read buffer: no copy unless the client
+                // is slower than we are.
+                ctx.counters.messages += 1;
+                let input = std::mem::take(&mut ctx.buf);
+                let r = self.send(&input[..n], ctx);
+                ctx.buf = input;
+                r
+            } else {
+                ctx.scratch.clear();
+                let fed = self.decoder.feed(&ctx.buf[..n], ctx.scratch);
+                let replies = std::mem::take(ctx.scratch);
+                let r = self.send(&replies, ctx);
+                *ctx.scratch = replies;
+                match fed {
+                    Ok(m) => ctx.counters.messages += m,
+                    Err(_) => {
+                        log::debug!("{}: line longer than max_line_bytes; closing", self.peer);
+                        self.state = State::Closing { since: ctx.now };
+                        return r.map_or_else(Next::Close, |_| Next::Wait);
+                    }
+                }
+                r
+            };
+            if let Err(reason) = sent {
+                return Next::Close(reason);
+            }
+            if n < ctx.buf.len() {
+                // A short read emptied the socket buffer. On Linux, epoll's edge
+                // trigger fires again for any byte that arrives after this read,
+                // so we can skip the read that would only say EAGAIN.
+                return Next::Wait;
+            }
+        }
+        Next::Again
+    }
+
+    /// After a protocol error: read and drop input until EOF, a bound, or nothing.
+    fn drain_input(&mut self, ctx: &mut Ctx<'_>) -> Next {
+        if !self.write_shut {
+            return Next::Wait;
+        }
+        loop {
+            match self.stream.read(ctx.buf) {
+                Ok(0) => return Next::Close(CloseReason::ProtocolError),
+                Ok(n) => {
+                    self.bytes_in += n as u64;
+                    ctx.counters.received_bytes += n as u64;
+                    self.drained += n;
+                    if self.drained > CLOSE_DRAIN_BYTES {
+                        return Next::Close(CloseReason::ProtocolError);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Next::Close(CloseReason::ProtocolError),
+            }
+        }
+    }
+
+    /// Sends `bytes` after whatever is owed: straight to the socket if nothing is
+    /// queued, the rest (if any) into the queue.
+    fn send(&mut self, bytes: &[u8], ctx: &mut Ctx<'_>) -> Result<(), CloseReason> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let mut written = 0;
+        if self.owed() == 0 {
+            written = self.write_from(bytes, ctx)?;
+            if written == bytes.len() {
+                return Ok(());
+            }
+            // Bytes owed from now on: the write timeout runs from here.
+            self.last_write = ctx.now;
+        }
+        self.out.extend_from_slice(&bytes[written..]);
+        Ok(())
+    }
+
+    /// Writes what is owed until done or the socket is full.
+    fn flush(&mut self, ctx: &mut Ctx<'_>) -> Result<(), CloseReason> {
+        let out = std::mem::take(&mut self.out);
+        let r = self.write_from(&out[self.out_pos..], ctx);
+        self.out = out;
+        self.out_pos += r?;
+        if self.out_pos == self.out.len() {
+            self.out_pos = 0;
+            if self.out.capacity() > KEEP_OUT_CAPACITY {
+                self.out = Vec::new();
+            } else {
+                self.out.clear();
+            }
+        } else if self.out_pos > self.out.len() / 2 && self.out_pos > 4096 {
+            // Keep the queue from creeping: drop the sent half.
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        Ok(())
+    }
+
+    fn write_from(&mut self, bytes: &[u8], ctx: &mut Ctx<'_>) -> Result<usize, CloseReason> {
+        let mut done = 0;
+        while done < bytes.len() {
+            match self.stream.write(&bytes[done..]) {
+                Ok(0) => return Err(CloseReason::IoError),
+                Ok(n) => {
+                    done += n;
+                    self.bytes_out += n as u64;
+                    ctx.counters.sent_bytes += n as u64;
+                    self.last_write = ctx.now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(classify(&e, ctx.counters)),
+            }
+        }
+        Ok(done)
+    }
+
+    /// When this connection must be closed if nothing happens, and why.
+    pub fn deadline(&self, limits: &Limits) -> Option<(Instant, CloseReason)> {
+        if let State::Closing { since } = self.state {
+            return Some((since + CLOSE_DRAIN_TIME, CloseReason::ProtocolError));
+        }
+        if self.owed() > 0 {
+            return limits.write_timeout.map(|t| (self.last_write + t, CloseReason::WriteTimeout));
+        }
+        let quiet_since = self.last_read.max(self.last_write);
+        limits.idle_timeout.map(|t| (quiet_since + t, CloseReason::IdleTimeout))
+    }
+}
+
+/// Maps a socket error to a close reason, counting resets.
+fn classify(e: &io::Error, counters: &mut LocalCounters) -> CloseReason {
+    if is_reset(e) {
+        counters.reset_errors += 1;
+        CloseReason::Reset
+    } else {
+        CloseReason::IoError
+    }
+}
+
+/// ECONNRESET, EPIPE or ECONNABORTED: the peer is gone.
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+    )
+}

@@ -1,0 +1,298 @@
+//! One worker thread: its mio `Poll`, its connections, their timers, and the read
+//! buffer they all share.
+//!
+//! The acceptor pushes connections onto this worker's bounded channel and wakes it
+//! through its `Waker`. When the acceptor drops its sender, the channel reports
+//! `Disconnected` after the last queued connection: that is the signal to drain,
+//! finish within the shutdown grace, and exit.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use super::conn::{Conn, Ctx, Limits, Next};
+use super::Shared;
+use crate::logging::RateLimit;
+use crate::metrics::{CloseReason, LocalCounters};
+use crate::warn_limited;
+
+/// The token of the worker's `Waker`.
+pub const WAKER: Token = Token(usize::MAX);
+
+/// One read's worth: shared by every connection of the worker.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Readiness events taken from the kernel per `poll` call.
+const EVENTS_PER_POLL: usize = 1024;
+
+/// A connection on its way from the acceptor to a worker.
+pub struct Handoff {
+    pub stream: mio::net::TcpStream,
+    pub peer: SocketAddr,
+}
+
+/// A worker and everything it owns.
+pub struct Worker {
+    id: usize,
+    poll: Poll,
+    /// Kept here as well as in the acceptor: closing the eventfd (dropping the
+    /// last `Waker`) would remove a wake-up already queued in epoll, and the
+    /// acceptor drops its copy right after the final wake.
+    _waker: Arc<mio::Waker>,
+    rx: Receiver<Handoff>,
+    conns: Slab<Conn>,
+    buf: Box<[u8]>,
+    scratch: Vec<u8>,
+    /// Lazy deadline heap: `(deadline, slab key, generation)`. An entry is valid
+    /// only if the connection is still there, of that generation, and its
+    /// `timer_at` equals the deadline; deadlines that moved later are re-armed
+    /// when their old entry comes due, so activity costs no heap operation.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Connections to drive again next turn without an event.
+    again: Vec<(usize, u64)>,
+    next_generation: u64,
+    shared: Arc<Shared>,
+    limits: Limits,
+    tcp_nodelay: bool,
+    grace: Duration,
+    /// Set once the acceptor has gone: the time by which everything must close.
+    drain_deadline: Option<Instant>,
+    counters: LocalCounters,
+    now: Instant,
+    reset_log: RateLimit,
+    timeout_log: RateLimit,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        poll: Poll,
+        waker: Arc<mio::Waker>,
+        rx: Receiver<Handoff>,
+        shared: Arc<Shared>,
+        config: &crate::config::Config,
+    ) -> Worker {
+        Worker {
+            id,
+            poll,
+            _waker: waker,
+            rx,
+            conns: Slab::new(),
+            buf: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
+            scratch: Vec::new(),
+            timers: BinaryHeap::new(),
+            again: Vec::new(),
+            next_generation: 0,
+            shared,
+            limits: Limits {
+                codec: config.codec(),
+                max_pending_write_bytes: config.connection.max_pending_write_bytes,
+                idle_timeout: config.connection.idle_timeout,
+                write_timeout: config.connection.write_timeout,
+            },
+            tcp_nodelay: config.server.tcp_nodelay,
+            grace: config.shutdown.grace,
+            drain_deadline: None,
+            counters: LocalCounters::default(),
+            now: Instant::now(),
+            reset_log: RateLimit::new(10, Duration::from_secs(10)),
+            timeout_log: RateLimit::new(10, Duration::from_secs(10)),
+        }
+    }
+
+    /// The event loop. Returns when drained.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_PER_POLL);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    log::error!("worker-{}: poll failed: {e}; closing its connections", self.id);
+                    self.close_all(CloseReason::IoError);
+                    return;
+                }
+            }
+            let started = Instant::now();
+            self.now = started;
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => self.take_handoffs(),
+                    Token(key) => {
+                        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                        self.drive(key, readable);
+                    }
+                }
+            }
+            for (key, generation) in std::mem::take(&mut self.again) {
+                if self.conns.get(key).is_some_and(|c| c.generation == generation) {
+                    self.drive(key, true);
+                }
+            }
+            self.expire_timers();
+            let done = self.drain_step();
+            self.counters.busy += started.elapsed();
+            self.shared.metrics.worker(self.id).flush(&mut self.counters);
+            if done {
+                return;
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let timer = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        [timer, self.drain_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(now))
+    }
+
+    /// Registers every connection the acceptor queued; notices the acceptor leaving.
+    fn take_handoffs(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(h) => self.adopt(h),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    if self.drain_deadline.is_none() {
+                        log::debug!("worker-{}: draining {} connections", self.id, self.conns.len());
+                        self.drain_deadline = Some(self.now + self.grace);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn adopt(&mut self, h: Handoff) {
+        let Handoff { mut stream, peer } = h;
+        let stats = self.shared.metrics.worker(self.id);
+        stats.connection_opened();
+        if self.tcp_nodelay {
+            let _ = stream.set_nodelay(true);
+        }
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
+        {
+            log::warn!("{peer}: cannot register with worker-{}: {e}", self.id);
+            stats.connection_closed(CloseReason::IoError, Duration::ZERO);
+            self.shared.release(peer);
+            return;
+        }
+        self.next_generation += 1;
+        entry.insert(Conn::new(stream, peer, self.next_generation, self.limits.codec, self.now));
+        log::trace!("{peer}: accepted by worker-{}", self.id);
+        self.arm(key);
+    }
+
+    fn drive(&mut self, key: usize, readable: bool) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let mut ctx = Ctx {
+            buf: &mut self.buf,
+            scratch: &mut self.scratch,
+            counters: &mut self.counters,
+            limits: &self.limits,
+            now: self.now,
+        };
+        match conn.drive(&mut ctx, readable) {
+            Next::Wait => self.arm(key),
+            Next::Again => {
+                self.again.push((key, conn.generation));
+                self.arm(key);
+            }
+            Next::Close(reason) => self.close(key, reason),
+        }
+    }
+
+    /// Makes sure the connection's deadline has a timer entry at or before it.
+    fn arm(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if let Some((deadline, _)) = conn.deadline(&self.limits) {
+            if conn.timer_at.is_none_or(|t| deadline < t) {
+                conn.timer_at = Some(deadline);
+                self.timers.push(Reverse((deadline, key, conn.generation)));
+            }
+        }
+    }
+
+    fn expire_timers(&mut self) {
+        while let Some(&Reverse((at, key, generation))) = self.timers.peek() {
+            if at > self.now {
+                return;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            if conn.generation != generation || conn.timer_at != Some(at) {
+                continue; // stale entry
+            }
+            conn.timer_at = None;
+            match conn.deadline(&self.limits) {
+                Some((deadline, reason)) if deadline <= self.now => self.close(key, reason),
+                _ => self.arm(key),
+            }
+        }
+    }
+
+    /// While draining: true once every connection is gone (closing the rest when
+    /// the grace runs out).
+    fn drain_step(&mut self) -> bool {
+        let Some(deadline) = self.drain_deadline else { return false };
+        if !self.conns.is_empty() && self.now >= deadline {
+            log::info!(
+                "worker-{}: shutdown grace over, closing {} connections",
+                self.id,
+                self.conns.len()
+            );
+            self.close_all(CloseReason::ServerShutdown);
+        }
+        self.conns.is_empty()
+    }
+
+    fn close_all(&mut self, reason: CloseReason) {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(key, reason);
+        }
+    }
+
+    fn close(&mut self, key: usize, reason: CloseReason) {
+        let conn = self.conns.remove(key);
+        let lifetime = self.now.saturating_duration_since(conn.opened);
+        self.shared.metrics.worker(self.id).connection_closed(reason, lifetime);
+        self.shared.release(conn.peer);
+        let peer = conn.peer;
+        match reason {
+            CloseReason::Reset => {
+                warn_limited!(self.reset_log, self.now, "{peer}: connection reset by peer");
+            }
+            CloseReason::IdleTimeout | CloseReason::WriteTimeout => {
+                warn_limited!(self.timeout_log, self.now, "{peer}: closed, {}", reason.as_str());
+            }
+            _ => {}
+        }
+        log::debug!(
+            "{peer}: closed reason={} in={} out={} owed={} duration={:.3}s",
+            reason.as_str(),
+            conn.bytes_in,
+            conn.bytes_out,
+            conn.owed(),
+            lifetime.as_secs_f64()
+        );
+        // Dropping the stream closes the socket, which also removes it from epoll.
+        drop(conn);
+    }
+}
