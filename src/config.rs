@@ -82,7 +82,10 @@ impl fmt::Debug for MetricsConfig {
             .field("enabled", &self.enabled)
             .field("listen", &self.listen)
             .field("bearer_token_file", &self.bearer_token_file)
-            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -272,7 +275,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3_600_000,
         _ => return Err(bad()),
     };
-    let ms = n.checked_mul(per_unit_ms).ok_or_else(|| "duration too large".to_string())?;
+    let ms = n
+        .checked_mul(per_unit_ms)
+        .ok_or_else(|| "duration too large".to_string())?;
     if ms > 365 * 24 * 3_600_000 {
         return Err("duration too large (at most a year)".into());
     }
@@ -309,7 +314,9 @@ impl Config {
         match key {
             "server.listen" => c.server.listen = raw.addr()?,
             "server.workers" => c.server.workers = raw.count(0, MAX_WORKERS)? as usize,
-            "server.max_connections" => c.server.max_connections = raw.count(1, 10_000_000)? as usize,
+            "server.max_connections" => {
+                c.server.max_connections = raw.count(1, 10_000_000)? as usize
+            }
             "server.max_connections_per_ip" => {
                 c.server.max_connections_per_ip = raw.count(0, 10_000_000)? as usize
             }
@@ -322,11 +329,16 @@ impl Config {
                 c.server.busy_message = s.to_string();
             }
             "server.tcp_nodelay" => c.server.tcp_nodelay = raw.boolean()?,
-            "connection.mode" => c.connection.mode = raw.choice(&[("ack", Mode::Ack), ("echo", Mode::Echo)])?,
-            "connection.framing" => {
-                c.connection.framing = raw.choice(&[("read", Framing::Read), ("line", Framing::Line)])?
+            "connection.mode" => {
+                c.connection.mode = raw.choice(&[("ack", Mode::Ack), ("echo", Mode::Echo)])?
             }
-            "connection.max_line_bytes" => c.connection.max_line_bytes = raw.count(1, 1 << 30)? as usize,
+            "connection.framing" => {
+                c.connection.framing =
+                    raw.choice(&[("read", Framing::Read), ("line", Framing::Line)])?
+            }
+            "connection.max_line_bytes" => {
+                c.connection.max_line_bytes = raw.count(1, 1 << 30)? as usize
+            }
             "connection.max_pending_write_bytes" => {
                 c.connection.max_pending_write_bytes = raw.count(1024, 1 << 32)? as usize
             }
@@ -335,7 +347,9 @@ impl Config {
             "shutdown.grace" => c.shutdown.grace = raw.timeout()?.unwrap_or(Duration::ZERO),
             "metrics.enabled" => c.metrics.enabled = raw.boolean()?,
             "metrics.listen" => c.metrics.listen = raw.addr()?,
-            "metrics.bearer_token_file" => c.metrics.bearer_token_file = Some(PathBuf::from(raw.text()?)),
+            "metrics.bearer_token_file" => {
+                c.metrics.bearer_token_file = Some(PathBuf::from(raw.text()?))
+            }
             "log.level" => {
                 c.log.level = raw.choice(&[
                     ("off", log::LevelFilter::Off),
@@ -354,9 +368,9 @@ impl Config {
 
     /// Applies a TOML document on top of `self`.
     pub fn merge_toml(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        let doc: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError(format!("{origin}: {}", e.to_string().trim_end())))?;
+        let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError(format!("{origin}: {}", e.to_string().trim_end()))
+        })?;
         for (section, body) in &doc {
             let toml::Value::Table(body) = body else {
                 return Err(ConfigError(format!(
@@ -383,8 +397,9 @@ impl Config {
     pub fn load(file: Option<&Path>, flags: &[(&str, &str, Raw)]) -> Result<Config, ConfigError> {
         let mut config = Config::default();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("cannot read config file {}: {e}", path.display()))
+            })?;
             config.merge_toml(&text, &path.display().to_string())?;
         }
         for (flag, key, raw) in flags {
@@ -398,7 +413,9 @@ impl Config {
 
     /// Cross-key checks, and reading the token file. Runs before anything is bound.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
-        let err = |key: &str, value: String, problem: &str| Err(ConfigError(format!("{key} = {value}: {problem}")));
+        let err = |key: &str, value: String, problem: &str| {
+            Err(ConfigError(format!("{key} = {value}: {problem}")))
+        };
         if self.connection.mode == Mode::Echo && self.connection.framing == Framing::Line {
             return err(
                 "connection.framing",
@@ -418,7 +435,13 @@ impl Config {
             let shown = format!("{:?}", path.display().to_string());
             let token = match std::fs::read_to_string(path) {
                 Ok(t) => t.trim().to_string(),
-                Err(e) => return err("metrics.bearer_token_file", shown, &format!("cannot read: {e}")),
+                Err(e) => {
+                    return err(
+                        "metrics.bearer_token_file",
+                        shown,
+                        &format!("cannot read: {e}"),
+                    )
+                }
             };
             if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return err(
@@ -497,7 +520,12 @@ impl Config {
         let _ = writeln!(o, "write_timeout = {}", t(c.write_timeout));
         let _ = writeln!(o, "\n[shutdown]\ngrace = {}", t(Some(self.shutdown.grace)));
         let m = &self.metrics;
-        let _ = writeln!(o, "\n[metrics]\nenabled = {}\nlisten = {}", m.enabled, q(&m.listen.to_string()));
+        let _ = writeln!(
+            o,
+            "\n[metrics]\nenabled = {}\nlisten = {}",
+            m.enabled,
+            q(&m.listen.to_string())
+        );
         if let Some(p) = &m.bearer_token_file {
             let _ = writeln!(o, "bearer_token_file = {}", q(&p.display().to_string()));
         }
@@ -573,12 +601,28 @@ impl ServeFlags {
             ("--listen", "server.listen", &self.listen),
             ("--metrics-listen", "metrics.listen", &self.metrics_listen),
             ("--workers", "server.workers", &self.workers),
-            ("--max-connections", "server.max_connections", &self.max_connections),
+            (
+                "--max-connections",
+                "server.max_connections",
+                &self.max_connections,
+            ),
             ("--mode", "connection.mode", &self.mode),
             ("--framing", "connection.framing", &self.framing),
-            ("--idle-timeout", "connection.idle_timeout", &self.idle_timeout),
-            ("--write-timeout", "connection.write_timeout", &self.write_timeout),
-            ("--max-line-bytes", "connection.max_line_bytes", &self.max_line_bytes),
+            (
+                "--idle-timeout",
+                "connection.idle_timeout",
+                &self.idle_timeout,
+            ),
+            (
+                "--write-timeout",
+                "connection.write_timeout",
+                &self.write_timeout,
+            ),
+            (
+                "--max-line-bytes",
+                "connection.max_line_bytes",
+                &self.max_line_bytes,
+            ),
             ("--shutdown-grace", "shutdown.grace", &self.shutdown_grace),
             ("--log-level", "log.level", &self.log_level),
             ("--log-file", "log.file", &self.log_file),
@@ -628,15 +672,33 @@ mod tests {
         let cases = [
             ("[server]\nworkers = \"abc\"", "server.workers = \"abc\""),
             ("[server]\nworkers = -1", "server.workers = -1"),
-            ("[server]\nmax_connections = 0", "server.max_connections = 0"),
-            ("[server]\nlisten = \"nowhere\"", "server.listen = \"nowhere\""),
-            ("[connection]\nmode = \"shout\"", "connection.mode = \"shout\""),
-            ("[connection]\nidle_timeout = \"soon\"", "connection.idle_timeout = \"soon\""),
-            ("[server]\ntcp_nodelay = \"yes\"", "server.tcp_nodelay = \"yes\""),
+            (
+                "[server]\nmax_connections = 0",
+                "server.max_connections = 0",
+            ),
+            (
+                "[server]\nlisten = \"nowhere\"",
+                "server.listen = \"nowhere\"",
+            ),
+            (
+                "[connection]\nmode = \"shout\"",
+                "connection.mode = \"shout\"",
+            ),
+            (
+                "[connection]\nidle_timeout = \"soon\"",
+                "connection.idle_timeout = \"soon\"",
+            ),
+            (
+                "[server]\ntcp_nodelay = \"yes\"",
+                "server.tcp_nodelay = \"yes\"",
+            ),
             ("[server]\nbogus = 1", "unknown key server.bogus"),
             ("[nope]\nx = 1", "unknown key nope.x"),
             ("top = 1", "top = 1"),
-            ("[connection]\nmax_line_bytes = [1]", "connection.max_line_bytes = [1]"),
+            (
+                "[connection]\nmax_line_bytes = [1]",
+                "connection.max_line_bytes = [1]",
+            ),
         ];
         for (text, want) in cases {
             let e = Config::default().merge_toml(text, "f.toml").unwrap_err();
@@ -646,11 +708,25 @@ mod tests {
 
     #[test]
     fn flags_override_file_and_name_the_flag() {
-        let c = Config::load(None, &[("--workers", "server.workers", Raw::Flag("3".into()))]).unwrap();
+        let c = Config::load(
+            None,
+            &[("--workers", "server.workers", Raw::Flag("3".into()))],
+        )
+        .unwrap();
         assert_eq!(c.server.workers, 3);
-        let e = Config::load(None, &[("--idle-timeout", "connection.idle_timeout", Raw::Flag("5 parsecs".into()))])
-            .unwrap_err();
-        assert!(e.0.starts_with("--idle-timeout \"5 parsecs\": expected a duration"), "{e}");
+        let e = Config::load(
+            None,
+            &[(
+                "--idle-timeout",
+                "connection.idle_timeout",
+                Raw::Flag("5 parsecs".into()),
+            )],
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("--idle-timeout \"5 parsecs\": expected a duration"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -663,13 +739,21 @@ mod tests {
         let mut c = Config::default();
         c.connection.mode = Mode::Echo;
         c.connection.framing = Framing::Line;
-        assert!(c.validate().unwrap_err().0.starts_with("connection.framing"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .0
+            .starts_with("connection.framing"));
         let mut c = Config::default();
         c.log.file = Some("/no/such/dir/x.log".into());
         assert!(c.validate().unwrap_err().0.starts_with("log.file"));
         let mut c = Config::default();
         c.metrics.bearer_token_file = Some("/no/such/token".into());
-        assert!(c.validate().unwrap_err().0.starts_with("metrics.bearer_token_file"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .0
+            .starts_with("metrics.bearer_token_file"));
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use simplelog::{
-    ColorChoice, CombinedLogger, ConfigBuilder, LevelFilter, SharedLogger, TermLogger, TerminalMode, WriteLogger,
+    ColorChoice, CombinedLogger, ConfigBuilder, LevelFilter, SharedLogger, TermLogger,
+    TerminalMode, WriteLogger,
 };
 
 /// Installs the logger: stderr always, plus `file` (appended) if given. Timestamps
@@ -25,14 +26,23 @@ pub fn init(level: LevelFilter, file: Option<&Path>) -> Result<(), String> {
     } else {
         ColorChoice::Never
     };
-    let mut loggers: Vec<Box<dyn SharedLogger>> =
-        vec![TermLogger::new(level, config.clone(), TerminalMode::Stderr, color)];
+    let mut loggers: Vec<Box<dyn SharedLogger>> = vec![TermLogger::new(
+        level,
+        config.clone(),
+        TerminalMode::Stderr,
+        color,
+    )];
     if let Some(path) = file {
         let f = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| format!("log.file = {:?}: cannot open: {e}", path.display().to_string()))?;
+            .map_err(|e| {
+                format!(
+                    "log.file = {:?}: cannot open: {e}",
+                    path.display().to_string()
+                )
+            })?;
         loggers.push(WriteLogger::new(level, config, f));
     }
     // A second init (tests that run several servers in one process) keeps the first.
@@ -77,7 +87,9 @@ impl RateLimit {
     /// `Some(n)` if this event may be logged, where `n` events were held back
     /// since the last one that was; `None` to stay quiet.
     pub fn allow(&mut self, now: Instant) -> Option<u64> {
-        let fresh = self.window_start.is_none_or(|s| now.duration_since(s) >= self.window);
+        let fresh = self
+            .window_start
+            .is_none_or(|s| now.duration_since(s) >= self.window);
         if fresh {
             self.window_start = Some(now);
             self.seen = 0;

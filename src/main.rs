@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the server (the default).
-    Serve(ServeFlags),
+    Serve(Box<ServeFlags>),
     /// The interactive client: send each line, print each reply.
     Client {
         /// Server address.
@@ -108,28 +108,32 @@ fn serve(flags: &ServeFlags) -> ExitCode {
     let trigger = running.trigger();
     let signals_handle = signals.handle();
     let grace = config::format_duration(config.shutdown.grace);
-    let watcher = std::thread::Builder::new().name("signals".into()).spawn(move || {
-        let mut stops = 0;
-        for sig in signals.forever() {
-            let name = match sig {
-                SIGTERM => "SIGTERM",
-                SIGINT => "SIGINT",
-                _ => {
-                    log::info!("SIGHUP ignored: restart sockpool to apply config changes");
-                    continue;
+    let watcher = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut stops = 0;
+            for sig in signals.forever() {
+                let name = match sig {
+                    SIGTERM => "SIGTERM",
+                    SIGINT => "SIGINT",
+                    _ => {
+                        log::info!("SIGHUP ignored: restart sockpool to apply config changes");
+                        continue;
+                    }
+                };
+                stops += 1;
+                if stops == 1 {
+                    log::info!(
+                        "{name} received: stopping (grace {grace}; a second signal exits at once)"
+                    );
+                    trigger.fire();
+                } else {
+                    log::warn!("{name} received again: exiting now");
+                    log::logger().flush();
+                    std::process::exit(128 + sig);
                 }
-            };
-            stops += 1;
-            if stops == 1 {
-                log::info!("{name} received: stopping (grace {grace}; a second signal exits at once)");
-                trigger.fire();
-            } else {
-                log::warn!("{name} received again: exiting now");
-                log::logger().flush();
-                std::process::exit(128 + sig);
             }
-        }
-    });
+        });
     let watcher = match watcher {
         Ok(w) => Some(w),
         Err(e) => {

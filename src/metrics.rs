@@ -87,7 +87,8 @@ impl RejectReason {
 
 /// Upper bounds of `sockpool_connection_duration_seconds`: 1 ms to 4 hours.
 pub const DURATION_BUCKETS: [f64; 16] = [
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0,
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+    14400.0,
 ];
 
 /// Adds to a counter that only the calling thread writes. Cheaper than
@@ -142,10 +143,14 @@ impl WorkerStats {
 
     /// A connection of this worker ended.
     pub fn connection_closed(&self, reason: CloseReason, lifetime: Duration) {
-        self.connections.store(self.connections.load(Relaxed).saturating_sub(1), Relaxed);
+        self.connections
+            .store(self.connections.load(Relaxed).saturating_sub(1), Relaxed);
         bump(&self.closed[reason as usize], 1);
         let secs = lifetime.as_secs_f64();
-        let bucket = DURATION_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(DURATION_BUCKETS.len());
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(DURATION_BUCKETS.len());
         bump(&self.duration_buckets[bucket], 1);
         bump(&self.duration_sum_nanos, lifetime.as_nanos() as u64);
     }
@@ -177,7 +182,9 @@ impl Metrics {
         Metrics {
             version: env!("CARGO_PKG_VERSION"),
             start_time: process_start_time().unwrap_or_else(|| {
-                SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64())
             }),
             accepted: AtomicU64::new(0),
             rejected: Default::default(),
@@ -221,31 +228,94 @@ impl Metrics {
     /// Renders every metric in the Prometheus text format (version 0.0.4).
     pub fn render(&self, out: &mut String) {
         let o = out;
-        header(o, "sockpool_build_info", "gauge", "Always 1; the version label says which build runs.");
+        header(
+            o,
+            "sockpool_build_info",
+            "gauge",
+            "Always 1; the version label says which build runs.",
+        );
         let _ = writeln!(o, "sockpool_build_info{{version=\"{}\"}} 1", self.version);
 
-        counter(o, "sockpool_connections_accepted_total", "Connections handed to a worker.", self.accepted.load(Relaxed));
+        counter(
+            o,
+            "sockpool_connections_accepted_total",
+            "Connections handed to a worker.",
+            self.accepted.load(Relaxed),
+        );
 
-        header(o, "sockpool_connections_rejected_total", "counter", "Connections refused right after accept, by reason.");
+        header(
+            o,
+            "sockpool_connections_rejected_total",
+            "counter",
+            "Connections refused right after accept, by reason.",
+        );
         for r in RejectReason::ALL {
             let v = self.rejected[r as usize].load(Relaxed);
-            let _ = writeln!(o, "sockpool_connections_rejected_total{{reason=\"{}\"}} {v}", r.as_str());
+            let _ = writeln!(
+                o,
+                "sockpool_connections_rejected_total{{reason=\"{}\"}} {v}",
+                r.as_str()
+            );
         }
 
-        header(o, "sockpool_connections_closed_total", "counter", "Connections closed, by reason.");
+        header(
+            o,
+            "sockpool_connections_closed_total",
+            "counter",
+            "Connections closed, by reason.",
+        );
         for r in CloseReason::ALL {
             let v = self.sum(|w| &w.closed[r as usize]);
-            let _ = writeln!(o, "sockpool_connections_closed_total{{reason=\"{}\"}} {v}", r.as_str());
+            let _ = writeln!(
+                o,
+                "sockpool_connections_closed_total{{reason=\"{}\"}} {v}",
+                r.as_str()
+            );
         }
 
-        gauge(o, "sockpool_connections_active", "Open connections.", self.active.load(Relaxed) as f64);
-        gauge(o, "sockpool_connections_max", "The effective max_connections.", self.max_connections.load(Relaxed) as f64);
+        gauge(
+            o,
+            "sockpool_connections_active",
+            "Open connections.",
+            self.active.load(Relaxed) as f64,
+        );
+        gauge(
+            o,
+            "sockpool_connections_max",
+            "The effective max_connections.",
+            self.max_connections.load(Relaxed) as f64,
+        );
         let resets = self.accept_resets.load(Relaxed) + self.sum(|w| &w.reset_errors);
-        counter(o, "sockpool_reset_errors_total", "ECONNRESET, EPIPE or ECONNABORTED seen on accept, read or write.", resets);
-        counter(o, "sockpool_accept_errors_total", "Failed accepts (EMFILE and the like); the acceptor backs off.", self.accept_errors.load(Relaxed));
-        counter(o, "sockpool_received_bytes_total", "Bytes read from clients.", self.sum(|w| &w.received_bytes));
-        counter(o, "sockpool_sent_bytes_total", "Bytes written to clients.", self.sum(|w| &w.sent_bytes));
-        counter(o, "sockpool_messages_total", "Replies sent (ack mode) or chunks echoed (echo mode).", self.sum(|w| &w.messages));
+        counter(
+            o,
+            "sockpool_reset_errors_total",
+            "ECONNRESET, EPIPE or ECONNABORTED seen on accept, read or write.",
+            resets,
+        );
+        counter(
+            o,
+            "sockpool_accept_errors_total",
+            "Failed accepts (EMFILE and the like); the acceptor backs off.",
+            self.accept_errors.load(Relaxed),
+        );
+        counter(
+            o,
+            "sockpool_received_bytes_total",
+            "Bytes read from clients.",
+            self.sum(|w| &w.received_bytes),
+        );
+        counter(
+            o,
+            "sockpool_sent_bytes_total",
+            "Bytes written to clients.",
+            self.sum(|w| &w.sent_bytes),
+        );
+        counter(
+            o,
+            "sockpool_messages_total",
+            "Replies sent (ack mode) or chunks echoed (echo mode).",
+            self.sum(|w| &w.messages),
+        );
 
         let name = "sockpool_connection_duration_seconds";
         header(o, name, "histogram", "Connection lifetimes.");
@@ -256,18 +326,44 @@ impl Metrics {
         }
         cumulative += self.sum(|w| &w.duration_buckets[DURATION_BUCKETS.len()]);
         let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(o, "{name}_sum {}", self.sum(|w| &w.duration_sum_nanos) as f64 / 1e9);
+        let _ = writeln!(
+            o,
+            "{name}_sum {}",
+            self.sum(|w| &w.duration_sum_nanos) as f64 / 1e9
+        );
         let _ = writeln!(o, "{name}_count {cumulative}");
 
-        gauge(o, "sockpool_workers", "Worker threads in the pool.", self.workers.len() as f64);
-        header(o, "sockpool_worker_connections", "gauge", "Connections owned by each worker.");
+        gauge(
+            o,
+            "sockpool_workers",
+            "Worker threads in the pool.",
+            self.workers.len() as f64,
+        );
+        header(
+            o,
+            "sockpool_worker_connections",
+            "gauge",
+            "Connections owned by each worker.",
+        );
         for (i, w) in self.workers.iter().enumerate() {
-            let _ = writeln!(o, "sockpool_worker_connections{{worker=\"{i}\"}} {}", w.connections.load(Relaxed));
+            let _ = writeln!(
+                o,
+                "sockpool_worker_connections{{worker=\"{i}\"}} {}",
+                w.connections.load(Relaxed)
+            );
         }
-        header(o, "sockpool_worker_busy_seconds_total", "counter", "Time each worker spent handling events (utilization).");
+        header(
+            o,
+            "sockpool_worker_busy_seconds_total",
+            "counter",
+            "Time each worker spent handling events (utilization).",
+        );
         for (i, w) in self.workers.iter().enumerate() {
             let v = w.busy_nanos.load(Relaxed) as f64 / 1e9;
-            let _ = writeln!(o, "sockpool_worker_busy_seconds_total{{worker=\"{i}\"}} {v}");
+            let _ = writeln!(
+                o,
+                "sockpool_worker_busy_seconds_total{{worker=\"{i}\"}} {v}"
+            );
         }
         render_process(o, self.start_time);
     }
@@ -292,7 +388,13 @@ fn gauge(o: &mut String, name: &str, help: &str, v: f64) {
 fn proc_stat() -> Option<Vec<u64>> {
     let text = std::fs::read_to_string("/proc/self/stat").ok()?;
     let after_comm = &text[text.rfind(')')? + 2..];
-    Some(after_comm.split(' ').skip(1).map(|f| f.trim().parse().unwrap_or(0)).collect())
+    Some(
+        after_comm
+            .split(' ')
+            .skip(1)
+            .map(|f| f.trim().parse().unwrap_or(0))
+            .collect(),
+    )
 }
 
 /// Index into [`proc_stat`] of proc(5) field `n` (state, field 3, is skipped).
@@ -302,9 +404,15 @@ const fn stat_field(n: usize) -> usize {
 
 /// Seconds since the epoch at which this process started, from /proc.
 fn process_start_time() -> Option<f64> {
-    let ticks = *proc_stat()?.get(stat_field(22))? as f64 / rustix::param::clock_ticks_per_second() as f64;
+    let ticks =
+        *proc_stat()?.get(stat_field(22))? as f64 / rustix::param::clock_ticks_per_second() as f64;
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let btime: f64 = stat.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()?;
+    let btime: f64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
     Some(btime + ticks)
 }
 
@@ -314,23 +422,58 @@ fn render_process(o: &mut String, start_time: f64) {
         let hz = rustix::param::clock_ticks_per_second() as f64;
         let field = |n: usize| stat.get(stat_field(n)).copied().unwrap_or(0);
         let cpu = (field(14) + field(15)) as f64 / hz;
-        header(o, "process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.");
+        header(
+            o,
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+        );
         let _ = writeln!(o, "process_cpu_seconds_total {cpu}");
-        gauge(o, "process_virtual_memory_bytes", "Virtual memory size in bytes.", field(23) as f64);
+        gauge(
+            o,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            field(23) as f64,
+        );
         let rss = field(24) as f64 * rustix::param::page_size() as f64;
-        gauge(o, "process_resident_memory_bytes", "Resident memory size in bytes.", rss);
-        gauge(o, "process_threads", "Number of OS threads in the process.", field(20) as f64);
+        gauge(
+            o,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            rss,
+        );
+        gauge(
+            o,
+            "process_threads",
+            "Number of OS threads in the process.",
+            field(20) as f64,
+        );
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
         // The directory handle itself is one of the entries; do not count it.
         let fds = dir.count().saturating_sub(1);
-        gauge(o, "process_open_fds", "Number of open file descriptors.", fds as f64);
+        gauge(
+            o,
+            "process_open_fds",
+            "Number of open file descriptors.",
+            fds as f64,
+        );
     }
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if let Some(max) = limit.current {
-        gauge(o, "process_max_fds", "Maximum number of open file descriptors.", max as f64);
+        gauge(
+            o,
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            max as f64,
+        );
     }
-    gauge(o, "process_start_time_seconds", "Start time of the process since unix epoch in seconds.", start_time);
+    gauge(
+        o,
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds.",
+        start_time,
+    );
 }
 
 #[cfg(test)]
@@ -354,7 +497,8 @@ mod tests {
             assert!(out.contains(needle), "missing {needle}");
         }
         m.worker(1).connection_opened();
-        m.worker(1).connection_closed(CloseReason::Reset, Duration::from_millis(3));
+        m.worker(1)
+            .connection_closed(CloseReason::Reset, Duration::from_millis(3));
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("sockpool_connections_closed_total{reason=\"reset\"} 1"));

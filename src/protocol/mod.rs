@@ -29,6 +29,16 @@ pub enum Codec {
     Echo,
 }
 
+/// What one [`Decoder::feed`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fed {
+    /// Messages answered (replies appended to `out`).
+    pub messages: u64,
+    /// A line went over `max_line_bytes`: `out` ends with [`LINE_TOO_LONG`] and
+    /// the connection must be closed.
+    pub error: Option<LineTooLong>,
+}
+
 /// The one protocol error: a line over `max_line_bytes`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LineTooLong;
@@ -81,29 +91,40 @@ impl Decoder {
         self.partial.capacity()
     }
 
-    /// Feeds the bytes of one read. Replies are appended to `out`; returns how many
-    /// messages were answered. After `Err(LineTooLong)`, `out` ends with
-    /// [`LINE_TOO_LONG`] (after the replies to any earlier complete lines) and all
-    /// later input is ignored.
-    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<u64, LineTooLong> {
-        if self.failed || input.is_empty() {
-            return if self.failed { Err(LineTooLong) } else { Ok(0) };
+    /// Feeds the bytes of one read. Replies are appended to `out`. After an error,
+    /// `out` ends with [`LINE_TOO_LONG`] (after the replies to any earlier complete
+    /// lines) and all later input is ignored.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Fed {
+        if self.failed {
+            return Fed {
+                messages: 0,
+                error: Some(LineTooLong),
+            };
         }
-        match self.codec {
+        if input.is_empty() {
+            return Fed::default();
+        }
+        let messages = match self.codec {
             Codec::Echo => {
                 out.extend_from_slice(input);
-                Ok(1)
+                1
             }
             Codec::AckRead => {
                 let (body, newline) = strip_terminator(input);
                 push_ack(out, body, newline);
-                Ok(1)
+                1
             }
-            Codec::AckLine { max_line_bytes } => self.feed_lines(input, max_line_bytes, out),
+            Codec::AckLine { max_line_bytes } => {
+                return self.feed_lines(input, max_line_bytes, out)
+            }
+        };
+        Fed {
+            messages,
+            error: None,
         }
     }
 
-    fn feed_lines(&mut self, input: &[u8], max: usize, out: &mut Vec<u8>) -> Result<u64, LineTooLong> {
+    fn feed_lines(&mut self, input: &[u8], max: usize, out: &mut Vec<u8>) -> Fed {
         let mut messages = 0;
         let mut rest = input;
         while let Some(i) = memchr::memchr(b'\n', rest) {
@@ -117,7 +138,7 @@ impl Decoder {
             };
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.len() > max {
-                return Err(self.fail(out));
+                return self.fail(out, messages);
             }
             push_ack(out, line, true);
             messages += 1;
@@ -127,10 +148,13 @@ impl Decoder {
         // than the limit is allowed only if it is a `\r` that a `\n` may follow.
         let held = self.partial.len() + rest.len();
         if held > max + 1 || (held == max + 1 && rest.last().copied() != Some(b'\r')) {
-            return Err(self.fail(out));
+            return self.fail(out, messages);
         }
         self.partial.extend_from_slice(rest);
-        Ok(messages)
+        Fed {
+            messages,
+            error: None,
+        }
     }
 
     /// The client half-closed: answers an unfinished final line (without a trailing
@@ -144,11 +168,14 @@ impl Decoder {
         1
     }
 
-    fn fail(&mut self, out: &mut Vec<u8>) -> LineTooLong {
+    fn fail(&mut self, out: &mut Vec<u8>, messages: u64) -> Fed {
         self.failed = true;
         self.partial = Vec::new();
         out.extend_from_slice(LINE_TOO_LONG);
-        LineTooLong
+        Fed {
+            messages,
+            error: Some(LineTooLong),
+        }
     }
 
     fn clear_partial(&mut self) {
@@ -189,9 +216,10 @@ mod tests {
         let mut out = Vec::new();
         let mut n = 0;
         for r in reads {
-            match d.feed(r, &mut out) {
-                Ok(m) => n += m,
-                Err(e) => return (out, n, Some(e)),
+            let fed = d.feed(r, &mut out);
+            n += fed.messages;
+            if fed.error.is_some() {
+                return (out, n, fed.error);
             }
         }
         if eof {
@@ -255,7 +283,10 @@ mod tests {
         }
         // Split right after the `\r` that takes the buffer one past the limit.
         let (out, _, err) = run(LINE, &[b"12345678\r", b"\n"], true);
-        assert_eq!((out.as_slice(), err), (&b"Server received \"12345678\"\n"[..], None));
+        assert_eq!(
+            (out.as_slice(), err),
+            (&b"Server received \"12345678\"\n"[..], None)
+        );
     }
 
     #[test]
@@ -275,9 +306,9 @@ mod tests {
     fn after_an_error_input_is_refused_and_eof_answers_nothing() {
         let mut d = Decoder::new(LINE);
         let mut out = Vec::new();
-        assert!(d.feed(b"123456789", &mut out).is_err());
+        assert!(d.feed(b"123456789", &mut out).error.is_some());
         out.clear();
-        assert_eq!(d.feed(b"fine\n", &mut out), Err(LineTooLong));
+        assert_eq!(d.feed(b"fine\n", &mut out).error, Some(LineTooLong));
         assert_eq!(d.finish(&mut out), 0);
         assert!(out.is_empty());
         assert_eq!(d.buffered(), 0);
@@ -299,10 +330,12 @@ mod tests {
 
     #[test]
     fn big_partial_buffer_is_released_after_the_line() {
-        let mut d = Decoder::new(Codec::AckLine { max_line_bytes: 65536 });
+        let mut d = Decoder::new(Codec::AckLine {
+            max_line_bytes: 65536,
+        });
         let mut out = Vec::new();
-        d.feed(&vec![b'a'; 50_000], &mut out).unwrap();
-        d.feed(b"\n", &mut out).unwrap();
+        d.feed(&vec![b'a'; 50_000], &mut out);
+        assert_eq!(d.feed(b"\n", &mut out).messages, 1);
         assert_eq!(d.capacity(), 0);
     }
 }

@@ -62,7 +62,8 @@ impl Acceptor {
         max_connections: usize,
         busy_message: Vec<u8>,
     ) -> io::Result<Acceptor> {
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let n = workers.len();
         Ok(Acceptor {
             poll,
@@ -94,7 +95,9 @@ impl Acceptor {
             }
             self.accept_batch();
         }
-        let Acceptor { listener, workers, .. } = self;
+        let Acceptor {
+            listener, workers, ..
+        } = self;
         drop(listener);
         log::info!("stopped accepting; draining connections");
         for w in workers {
@@ -122,9 +125,15 @@ impl Acceptor {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM...: the connection stays in
                     // the backlog. Wait and retry rather than spin on the error.
                     self.shared.metrics.accept_error();
-                    let pause = self.backoff.map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
+                    let pause = self
+                        .backoff
+                        .map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
                     self.backoff = Some(pause);
-                    warn_limited!(self.error_log, Instant::now(), "accept failed: {e}; retrying in {pause:?}");
+                    warn_limited!(
+                        self.error_log,
+                        Instant::now(),
+                        "accept failed: {e}; retrying in {pause:?}"
+                    );
                     break;
                 }
             }
@@ -184,8 +193,13 @@ impl Acceptor {
     /// scan after the last pick so that ties go round-robin.
     fn pick_worker(&mut self) -> usize {
         let n = self.workers.len();
-        let load = |i: usize| self.shared.metrics.worker(i).connections() as usize + self.workers[i].tx.len();
-        let best = (0..n).map(|k| (self.next + k) % n).min_by_key(|&i| load(i)).unwrap_or(0);
+        let load = |i: usize| {
+            self.shared.metrics.worker(i).connections() as usize + self.workers[i].tx.len()
+        };
+        let best = (0..n)
+            .map(|k| (self.next + k) % n)
+            .min_by_key(|&i| load(i))
+            .unwrap_or(0);
         self.next = (best + 1) % n;
         best
     }

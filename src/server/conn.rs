@@ -49,6 +49,18 @@ pub struct Ctx<'a> {
     pub now: Instant,
 }
 
+/// What the readiness event said about the read side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadHint {
+    /// Nothing to read (a write-readiness event).
+    Idle,
+    /// Bytes arrived.
+    Readable,
+    /// The peer's FIN (or an error) is already known: read until EOF, since no
+    /// further edge will announce it.
+    Closed,
+}
+
 /// What the worker should do with a connection after driving it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
@@ -96,7 +108,13 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr, generation: u64, codec: Codec, now: Instant) -> Conn {
+    pub fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        generation: u64,
+        codec: Codec,
+        now: Instant,
+    ) -> Conn {
         Conn {
             stream,
             peer,
@@ -122,8 +140,8 @@ impl Conn {
         self.out.len() - self.out_pos
     }
 
-    /// Flushes what is owed, reads what the client sent (if `readable`), answers it.
-    pub fn drive(&mut self, ctx: &mut Ctx<'_>, readable: bool) -> Next {
+    /// Flushes what is owed, reads what the client sent, answers it.
+    pub fn drive(&mut self, ctx: &mut Ctx<'_>, hint: ReadHint) -> Next {
         let mut resumed = false;
         if self.owed() > 0 {
             if let Err(reason) = self.flush(ctx) {
@@ -137,14 +155,22 @@ impl Conn {
             }
         }
         let next = match self.state {
-            State::Open if readable || resumed => self.read_some(ctx),
+            State::Open if hint != ReadHint::Idle => {
+                self.read_some(ctx, hint == ReadHint::Readable)
+            }
+            State::Open if resumed => self.read_some(ctx, false),
             State::Closing { .. } => self.drain_input(ctx),
             _ => Next::Wait,
         };
         match next {
             Next::Close(_) => next,
-            _ if self.state == State::ReadClosed && self.owed() == 0 => Next::Close(CloseReason::ClientClosed),
-            _ if matches!(self.state, State::Closing { .. }) && self.owed() == 0 && !self.write_shut => {
+            _ if self.state == State::ReadClosed && self.owed() == 0 => {
+                Next::Close(CloseReason::ClientClosed)
+            }
+            _ if matches!(self.state, State::Closing { .. })
+                && self.owed() == 0
+                && !self.write_shut =>
+            {
                 self.write_shut = true;
                 let _ = self.stream.shutdown(Shutdown::Write);
                 self.drain_input(ctx)
@@ -153,7 +179,9 @@ impl Conn {
         }
     }
 
-    fn read_some(&mut self, ctx: &mut Ctx<'_>) -> Next {
+    /// Reads up to [`READ_BUDGET`] times. With `stop_short`, a short read ends the
+    /// turn (see below); otherwise reading goes on until EAGAIN or EOF.
+    fn read_some(&mut self, ctx: &mut Ctx<'_>, stop_short: bool) -> Next {
         for _ in 0..READ_BUDGET {
             if self.owed() >= ctx.limits.max_pending_write_bytes {
                 self.paused = true;
@@ -191,23 +219,22 @@ impl Conn {
                 let replies = std::mem::take(ctx.scratch);
                 let r = self.send(&replies, ctx);
                 *ctx.scratch = replies;
-                match fed {
-                    Ok(m) => ctx.counters.messages += m,
-                    Err(_) => {
-                        log::debug!("{}: line longer than max_line_bytes; closing", self.peer);
-                        self.state = State::Closing { since: ctx.now };
-                        return r.map_or_else(Next::Close, |_| Next::Wait);
-                    }
+                ctx.counters.messages += fed.messages;
+                if fed.error.is_some() {
+                    log::debug!("{}: line longer than max_line_bytes; closing", self.peer);
+                    self.state = State::Closing { since: ctx.now };
+                    return r.map_or_else(Next::Close, |_| Next::Wait);
                 }
                 r
             };
             if let Err(reason) = sent {
                 return Next::Close(reason);
             }
-            if n < ctx.buf.len() {
+            if stop_short && n < ctx.buf.len() {
                 // A short read emptied the socket buffer. On Linux, epoll's edge
-                // trigger fires again for any byte that arrives after this read,
-                // so we can skip the read that would only say EAGAIN.
+                // trigger fires again for any byte or FIN that arrives after this
+                // read, so we can skip the read that would only say EAGAIN. (A FIN
+                // that was already there is `ReadHint::Closed`.)
                 return Next::Wait;
             }
         }
@@ -302,10 +329,14 @@ impl Conn {
             return Some((since + CLOSE_DRAIN_TIME, CloseReason::ProtocolError));
         }
         if self.owed() > 0 {
-            return limits.write_timeout.map(|t| (self.last_write + t, CloseReason::WriteTimeout));
+            return limits
+                .write_timeout
+                .map(|t| (self.last_write + t, CloseReason::WriteTimeout));
         }
         let quiet_since = self.last_read.max(self.last_write);
-        limits.idle_timeout.map(|t| (quiet_since + t, CloseReason::IdleTimeout))
+        limits
+            .idle_timeout
+            .map(|t| (quiet_since + t, CloseReason::IdleTimeout))
     }
 }
 
@@ -323,6 +354,8 @@ fn classify(e: &io::Error, counters: &mut LocalCounters) -> CloseReason {
 pub fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
     )
 }

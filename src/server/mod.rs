@@ -37,7 +37,9 @@ const HANDOFF_QUEUE: usize = 1024;
 
 /// File descriptors kept back from `max_connections` for everything else:
 /// listeners, epoll and wake-up fds, the metrics sidecar, log files, /proc reads.
-const FD_RESERVE: u64 = 256;
+/// An eighth of the limit, between these bounds.
+const FD_RESERVE_MIN: u64 = 32;
+const FD_RESERVE_MAX: u64 = 256;
 
 /// State shared by the acceptor, the workers and the sidecar.
 pub struct Shared {
@@ -175,8 +177,11 @@ fn fit_connections(wanted: usize) -> usize {
             Err(e) => log::warn!("cannot raise RLIMIT_NOFILE to its hard limit: {e}"),
         }
     }
-    let Some(soft) = limit.current else { return wanted };
-    let fit = soft.saturating_sub(FD_RESERVE).max(1) as usize;
+    let Some(soft) = limit.current else {
+        return wanted;
+    };
+    let reserve = (soft / 8).clamp(FD_RESERVE_MIN, FD_RESERVE_MAX);
+    let fit = soft.saturating_sub(reserve).max(1) as usize;
     if wanted > fit {
         log::warn!(
             "max_connections = {wanted} does not fit RLIMIT_NOFILE = {soft}; using {fit} (raise LimitNOFILE / ulimit -n)"
@@ -214,7 +219,9 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
 pub fn start(config: &Config) -> Result<Running, StartError> {
     let max_connections = fit_connections(config.server.max_connections);
     let listener = bind_main(config)?;
-    let local_addr = listener.local_addr().map_err(|e| StartError(format!("listener: {e}")))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| StartError(format!("listener: {e}")))?;
     let metrics_listener = if config.metrics.enabled {
         let addr = config.metrics.listen;
         let l = std::net::TcpListener::bind(addr)
@@ -235,8 +242,9 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
     let ready = Arc::new(AtomicBool::new(true));
 
     let acceptor_poll = Poll::new().map_err(io_err("acceptor poll"))?;
-    let acceptor_waker =
-        Arc::new(Waker::new(acceptor_poll.registry(), acceptor::WAKER).map_err(io_err("acceptor waker"))?);
+    let acceptor_waker = Arc::new(
+        Waker::new(acceptor_poll.registry(), acceptor::WAKER).map_err(io_err("acceptor waker"))?,
+    );
     let trigger = Trigger {
         shared: shared.clone(),
         ready: ready.clone(),
@@ -247,7 +255,8 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
     let mut workers = Vec::with_capacity(n_workers);
     for id in 0..n_workers {
         let poll = Poll::new().map_err(io_err("worker poll"))?;
-        let waker = Arc::new(Waker::new(poll.registry(), worker::WAKER).map_err(io_err("worker waker"))?);
+        let waker =
+            Arc::new(Waker::new(poll.registry(), worker::WAKER).map_err(io_err("worker waker"))?);
         let (tx, rx) = crossbeam_channel::bounded(HANDOFF_QUEUE);
         let w = worker::Worker::new(id, poll, waker.clone(), rx, shared.clone(), config);
         match spawn(format!("worker-{id}"), move || w.run()) {

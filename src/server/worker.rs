@@ -16,7 +16,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use super::conn::{Conn, Ctx, Limits, Next};
+use super::conn::{Conn, Ctx, Limits, Next, ReadHint};
 use super::Shared;
 use crate::logging::RateLimit;
 use crate::metrics::{CloseReason, LocalCounters};
@@ -113,7 +113,10 @@ impl Worker {
             let timeout = self.poll_timeout();
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
-                    log::error!("worker-{}: poll failed: {e}; closing its connections", self.id);
+                    log::error!(
+                        "worker-{}: poll failed: {e}; closing its connections",
+                        self.id
+                    );
                     self.close_all(CloseReason::IoError);
                     return;
                 }
@@ -124,20 +127,33 @@ impl Worker {
                 match event.token() {
                     WAKER => self.take_handoffs(),
                     Token(key) => {
-                        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-                        self.drive(key, readable);
+                        let hint = if event.is_read_closed() || event.is_error() {
+                            ReadHint::Closed
+                        } else if event.is_readable() {
+                            ReadHint::Readable
+                        } else {
+                            ReadHint::Idle
+                        };
+                        self.drive(key, hint);
                     }
                 }
             }
             for (key, generation) in std::mem::take(&mut self.again) {
-                if self.conns.get(key).is_some_and(|c| c.generation == generation) {
-                    self.drive(key, true);
+                if self
+                    .conns
+                    .get(key)
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    self.drive(key, ReadHint::Closed);
                 }
             }
             self.expire_timers();
             let done = self.drain_step();
             self.counters.busy += started.elapsed();
-            self.shared.metrics.worker(self.id).flush(&mut self.counters);
+            self.shared
+                .metrics
+                .worker(self.id)
+                .flush(&mut self.counters);
             if done {
                 return;
             }
@@ -165,7 +181,11 @@ impl Worker {
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     if self.drain_deadline.is_none() {
-                        log::debug!("worker-{}: draining {} connections", self.id, self.conns.len());
+                        log::debug!(
+                            "worker-{}: draining {} connections",
+                            self.id,
+                            self.conns.len()
+                        );
                         self.drain_deadline = Some(self.now + self.grace);
                     }
                     return;
@@ -183,24 +203,32 @@ impl Worker {
         }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE)
-        {
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             log::warn!("{peer}: cannot register with worker-{}: {e}", self.id);
             stats.connection_closed(CloseReason::IoError, Duration::ZERO);
             self.shared.release(peer);
             return;
         }
         self.next_generation += 1;
-        entry.insert(Conn::new(stream, peer, self.next_generation, self.limits.codec, self.now));
+        entry.insert(Conn::new(
+            stream,
+            peer,
+            self.next_generation,
+            self.limits.codec,
+            self.now,
+        ));
         log::trace!("{peer}: accepted by worker-{}", self.id);
         self.arm(key);
     }
 
-    fn drive(&mut self, key: usize, readable: bool) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+    fn drive(&mut self, key: usize, hint: ReadHint) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         let mut ctx = Ctx {
             buf: &mut self.buf,
             scratch: &mut self.scratch,
@@ -208,7 +236,7 @@ impl Worker {
             limits: &self.limits,
             now: self.now,
         };
-        match conn.drive(&mut ctx, readable) {
+        match conn.drive(&mut ctx, hint) {
             Next::Wait => self.arm(key),
             Next::Again => {
                 self.again.push((key, conn.generation));
@@ -235,7 +263,9 @@ impl Worker {
                 return;
             }
             self.timers.pop();
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             if conn.generation != generation || conn.timer_at != Some(at) {
                 continue; // stale entry
             }
@@ -250,7 +280,9 @@ impl Worker {
     /// While draining: true once every connection is gone (closing the rest when
     /// the grace runs out).
     fn drain_step(&mut self) -> bool {
-        let Some(deadline) = self.drain_deadline else { return false };
+        let Some(deadline) = self.drain_deadline else {
+            return false;
+        };
         if !self.conns.is_empty() && self.now >= deadline {
             log::info!(
                 "worker-{}: shutdown grace over, closing {} connections",
@@ -272,7 +304,10 @@ impl Worker {
     fn close(&mut self, key: usize, reason: CloseReason) {
         let conn = self.conns.remove(key);
         let lifetime = self.now.saturating_duration_since(conn.opened);
-        self.shared.metrics.worker(self.id).connection_closed(reason, lifetime);
+        self.shared
+            .metrics
+            .worker(self.id)
+            .connection_closed(reason, lifetime);
         self.shared.release(conn.peer);
         let peer = conn.peer;
         match reason {
@@ -280,7 +315,12 @@ impl Worker {
                 warn_limited!(self.reset_log, self.now, "{peer}: connection reset by peer");
             }
             CloseReason::IdleTimeout | CloseReason::WriteTimeout => {
-                warn_limited!(self.timeout_log, self.now, "{peer}: closed, {}", reason.as_str());
+                warn_limited!(
+                    self.timeout_log,
+                    self.now,
+                    "{peer}: closed, {}",
+                    reason.as_str()
+                );
             }
             _ => {}
         }

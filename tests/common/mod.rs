@@ -1,0 +1,351 @@
+//! Shared helpers for the integration tests: run the real `sockpool` binary on
+//! 127.0.0.1:0, find its ports from its startup log lines, scrape its metrics, send
+//! it signals. Every wait is bounded and fails with the server's log attached.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sockpool")
+}
+
+/// Runs `sockpool ARGS` to completion (with a time bound) and returns its output.
+pub fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sockpool");
+    let deadline = Instant::now() + WAIT;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sockpool {args:?} did not exit within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// The server's stderr, collected line by line.
+#[derive(Default)]
+struct Log {
+    text: Mutex<(String, bool)>, // (log, stderr closed)
+    changed: Condvar,
+}
+
+/// A running `sockpool serve`. Killed on drop if still running.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    log: Arc<Log>,
+}
+
+impl Server {
+    /// Starts `sockpool serve ARGS` with both listeners on 127.0.0.1:0 (unless the
+    /// arguments say otherwise) and waits for its startup lines.
+    pub fn start(args: &[&str]) -> Server {
+        match Server::try_start(args) {
+            Ok(s) => s,
+            Err((status, log)) => panic!("sockpool did not start ({status:?}):\n{log}"),
+        }
+    }
+
+    /// Like [`Server::start`], but returns the exit status and log if it fails.
+    #[allow(clippy::zombie_processes)] // every path waits: Drop, or wait_child on failure
+    pub fn try_start(args: &[&str]) -> Result<Server, (Option<ExitStatus>, String)> {
+        let mut full: Vec<&str> = vec!["serve"];
+        let has = |flag: &str| args.contains(&flag);
+        if !has("--listen") && !has("--config") {
+            full.extend(["--listen", "127.0.0.1:0"]);
+        }
+        if !has("--metrics-listen") && !has("--no-metrics") && !has("--config") {
+            full.extend(["--metrics-listen", "127.0.0.1:0"]);
+        }
+        full.extend_from_slice(args);
+        let mut child = Command::new(bin())
+            .args(&full)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sockpool");
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut t = sink.text.lock().unwrap();
+                t.0.push_str(&line);
+                t.0.push('\n');
+                sink.changed.notify_all();
+            }
+            sink.text.lock().unwrap().1 = true;
+            sink.changed.notify_all();
+        });
+        let want_metrics = !has("--no-metrics");
+        let deadline = Instant::now() + WAIT;
+        let mut guard = log.text.lock().unwrap();
+        loop {
+            let addr = find_addr(&guard.0, "listening on ");
+            let metrics = find_addr(&guard.0, "metrics on http://");
+            if let Some(addr) = addr {
+                if metrics.is_some() || !want_metrics {
+                    drop(guard);
+                    return Ok(Server {
+                        child,
+                        addr,
+                        metrics_addr: metrics,
+                        log,
+                    });
+                }
+            }
+            if guard.1 || Instant::now() > deadline {
+                let text = guard.0.clone();
+                drop(guard);
+                let status = wait_child(&mut child, Duration::from_secs(5));
+                return Err((status, text));
+            }
+            guard = log
+                .changed
+                .wait_timeout(guard, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        self.log.text.lock().unwrap().0.clone()
+    }
+
+    /// Waits until the log contains `needle`; returns the log.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        let mut guard = self.log.text.lock().unwrap();
+        while !guard.0.contains(needle) {
+            assert!(
+                Instant::now() < deadline && !guard.1,
+                "log never showed {needle:?}:\n{}",
+                guard.0
+            );
+            guard = self
+                .log
+                .changed
+                .wait_timeout(guard, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+        guard.0.clone()
+    }
+
+    /// A connected client socket with a 10 s read timeout.
+    pub fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).expect("connect to sockpool");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    /// `GET /metrics` body.
+    pub fn scrape(&self) -> String {
+        let addr = self.metrics_addr.expect("metrics enabled");
+        let (status, _, body) = http_get(addr, "/metrics", &[]);
+        assert_eq!(status, 200, "scrape failed: {body}");
+        body
+    }
+
+    /// The value of one series, e.g. `sockpool_connections_closed_total{reason="reset"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.scrape(), series).unwrap_or_else(|| panic!("no series {series}"))
+    }
+
+    /// Waits until `series` satisfies `pred`; returns its value.
+    pub fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = self.scrape();
+            if let Some(v) = metric_value(&text, series) {
+                if pred(v) {
+                    return v;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{series} never matched; last scrape:\n{text}\nlog:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the server to be at rest with `active` open connections, then checks
+    /// `accepted_total = sum(closed_total) + connections_active`. Returns the scrape.
+    pub fn assert_counters_add_up(&self, active: f64) -> String {
+        self.wait_metric("sockpool_connections_active", |v| v == active);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = self.scrape();
+            let accepted = metric_value(&text, "sockpool_connections_accepted_total").unwrap();
+            let closed = sum_metric(&text, "sockpool_connections_closed_total");
+            let open = metric_value(&text, "sockpool_connections_active").unwrap();
+            if accepted == closed + open {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "accepted {accepted} != closed {closed} + active {open}\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal (`rustix::process::Signal::TERM`, `INT`, `HUP`).
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, sig).expect("kill");
+    }
+
+    /// Waits (bounded) for the server to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        wait_child(&mut self.child, WAIT)
+            .unwrap_or_else(|| panic!("sockpool did not exit; log:\n{}", self.log()))
+    }
+
+    /// Threads of the server process.
+    pub fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid())).map_or(0, |d| d.count())
+    }
+
+    /// Open file descriptors of the server process.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn find_addr(log: &str, marker: &str) -> Option<SocketAddr> {
+    let start = log.find(marker)? + marker.len();
+    let rest = &log[start..];
+    let end = rest
+        .find([' ', '/', '\n'])
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// The value of one exact series in a Prometheus text scrape.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The sum over every label set of a metric.
+pub fn sum_metric(text: &str, name: &str) -> f64 {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A minimal HTTP/1.0 GET: (status, header block, body).
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    http_request(addr, "GET", path, headers)
+}
+
+/// A minimal HTTP/1.0 request: (status, header block, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+/// Reads from `s` until `want` bytes have arrived (or EOF/timeout); returns them.
+pub fn read_exact_bytes(s: &mut TcpStream, want: usize) -> Vec<u8> {
+    let mut buf = vec![0; want];
+    let mut got = 0;
+    while got < want {
+        match s.read(&mut buf[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    buf.truncate(got);
+    buf
+}
+
+/// Reads until EOF (bounded by the socket's read timeout).
+pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// A client socket that resets (RST) instead of closing: SO_LINGER 0.
+pub fn reset(s: TcpStream) {
+    let sock = socket2::Socket::from(s);
+    sock.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(sock);
+}
