@@ -264,9 +264,7 @@ fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 fn find_addr(log: &str, marker: &str) -> Option<SocketAddr> {
     let start = log.find(marker)? + marker.len();
     let rest = &log[start..];
-    let end = rest
-        .find([' ', '/', '\n'])
-        .unwrap_or(rest.len());
+    let end = rest.find([' ', '/', '\n']).unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
 
