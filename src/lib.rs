@@ -1,4 +1,47 @@
 //! sockpool: a fixed-worker-pool TCP server with Prometheus metrics.
+//!
+//! It keeps the protocol of a classic Python socket tutorial (every message is
+//! answered with `Server received "<data>"`) and fixes its faults: a reset client
+//! is counted and logged instead of crashing the server, and a client that never
+//! closes is closed after `idle_timeout` instead of holding the server forever.
+//!
+//! # Layout
+//!
+//! - [`config`]: `Config`, built-in defaults, the TOML file and flags, validation.
+//!   The only reader of config files.
+//! - [`protocol`]: sans-I/O codecs (ack with read or line framing, echo): bytes in,
+//!   replies out. No sockets, no clocks, no metrics; unit-, property- and
+//!   fuzz-tested.
+//! - [`server`]: `start(config)` binds and spawns everything; shutdown ordering.
+//!   - `server::acceptor`: the accept thread: limits, least-loaded worker, hand-off
+//!     over a bounded crossbeam channel, batched wake-ups, accept-error back-off.
+//!   - `server::worker`: one worker thread: its mio `Poll`, its connections, their
+//!     timers, the read buffer they share.
+//!   - [`server::conn`]: one connection: bytes owed, flow control, deadlines, how
+//!     it ends.
+//! - [`metrics`]: every metric defined once; per-worker counters summed at scrape
+//!   time; the Prometheus text format; `process_*` figures from /proc.
+//! - [`http`]: the tiny_http sidecar (`/metrics`, `/-/healthy`, `/-/ready`, `/`),
+//!   kept on a short leash so it can never take the main service down.
+//! - [`logging`]: log + simplelog set-up, rate-limited warnings, escaping client
+//!   bytes.
+//! - [`client`]: `sockpool client`, the tutorial's interactive client done right.
+//! - [`mod@bench`]: `sockpool bench`, the load generator.
+//!
+//! # Threads
+//!
+//! ```text
+//!  clients ──▶ acceptor ──(bounded channel + mio Waker)──▶ worker-0 … worker-N-1
+//!                 │                                          │  one mio Poll each,
+//!                 │                                          │  many connections each
+//!                 └──────────────▶ Metrics (atomics) ◀───────┘
+//!                                      ▲
+//!  Prometheus ──▶ metrics-http ────────┘  (reads only; bounded, see `http`)
+//!  SIGTERM/SIGINT ──▶ signals ──▶ Trigger: ready = false, wake the acceptor
+//! ```
+//!
+//! Data flows one way: acceptor → worker → protocol, each reporting to metrics.
+//! Shutdown is a chain of dropped senders and deliberate wake-ups (see [`server`]).
 #![forbid(unsafe_code)]
 
 pub mod bench;
