@@ -135,9 +135,10 @@ pub struct Latency {
     pub mean: f64,
 }
 
-/// The server's cost over the measured window (with `--server-pid`).
+/// A process's cost over the measured window: the server's (with `--server-pid`) or
+/// the load generator's own, which shows whether the generator could be the limit.
 #[derive(Debug, Serialize)]
-pub struct ServerCost {
+pub struct ProcessCost {
     /// CPU time (user + system, all threads), microseconds.
     pub cpu_us: f64,
     pub cpu_us_per_msg: Option<f64>,
@@ -174,7 +175,9 @@ pub struct Summary {
     pub mismatches: u64,
     pub first_error: Option<String>,
     pub first_mismatch: Option<String>,
-    pub server: Option<ServerCost>,
+    pub server: Option<ProcessCost>,
+    /// This load generator (all its threads).
+    pub client: Option<ProcessCost>,
     pub scrapes_ok: u64,
     pub scrapes_failed: u64,
 }
@@ -263,22 +266,17 @@ impl Summary {
                 format!("{}/{}", self.held_open, self.hold)
             )?;
         }
+        for (who, cost) in [("server", &self.server), ("bench", &self.client)] {
+            let Some(c) = cost else { continue };
+            let per = c
+                .cpu_us_per_msg
+                .map_or_else(String::new, |p| format!(", {p:.2} µs/msg"));
+            let value = format!("{:.0}%{per}", c.cpu_util * 100.0);
+            writeln!(out, "  {:<14} {value:>12}", format!("{who} CPU"))?;
+        }
         if let Some(s) = &self.server {
-            writeln!(
-                out,
-                "  {:<14} {:>12}",
-                "server CPU",
-                format!("{:.0}%", s.cpu_util * 100.0)
-            )?;
-            if let Some(per) = s.cpu_us_per_msg {
-                writeln!(out, "  {:<14} {:>12}", "CPU/msg", format!("{per:.2} µs"))?;
-            }
-            writeln!(
-                out,
-                "  {:<14} {:>12}",
-                "server RSS",
-                format!("{:.1} MiB", s.rss_bytes as f64 / 1_048_576.0)
-            )?;
+            let rss = format!("{:.1} MiB", s.rss_bytes as f64 / 1_048_576.0);
+            writeln!(out, "  {:<14} {rss:>12}", "server RSS")?;
         }
         if self.scrapes_ok + self.scrapes_failed > 0 {
             writeln!(
@@ -474,6 +472,10 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
     }
     .min(slots);
 
+    if let Some(pid) = args.server_pid {
+        // Checked before any load, so a wrong pid is a clear error, not a lost run.
+        procstat::sample(pid).map_err(|e| format!("--server-pid {pid}: {e}"))?;
+    }
     let fd_limit = raise_nofile_limit();
     let needed = u64::from(args.hold) + u64::from(args.connections) + SPARE_FDS;
     if needed > fd_limit {
@@ -555,9 +557,13 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
 
     let bar = progress_bar(end - start);
     wait_with_progress(measure_start, start, &bar, &completed, &running);
-    let server_before = args.server_pid.map(procstat::sample).transpose()?;
+    // A server that went away mid-run has no /proc entry left: the run is still
+    // reported (its errors say what happened), without the server's cost.
+    let server_before = args.server_pid.and_then(|pid| procstat::sample(pid).ok());
+    let client_before = procstat::sample(std::process::id()).ok();
     wait_with_progress(end, start, &bar, &completed, &running);
-    let server_after = args.server_pid.map(procstat::sample).transpose()?;
+    let server_after = args.server_pid.and_then(|pid| procstat::sample(pid).ok());
+    let client_after = procstat::sample(std::process::id()).ok();
     let window = Instant::now()
         .saturating_duration_since(measure_start)
         .min(args.duration);
@@ -596,6 +602,7 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
         first_error: None,
         first_mismatch: None,
         server: None,
+        client: None,
         scrapes_ok: 0,
         scrapes_failed: 0,
     };
@@ -642,16 +649,20 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
             mean: hist.mean() / 1000.0,
         };
     }
-    if let (Some(before), Some(after)) = (server_before, server_after) {
+    let messages = summary.messages;
+    let cost = |before: Option<procstat::Sample>, after: Option<procstat::Sample>| {
+        let (before, after) = (before?, after?);
         let cpu = after.cpu.saturating_sub(before.cpu);
         let cpu_us = cpu.as_secs_f64() * 1e6;
-        summary.server = Some(ServerCost {
+        Some(ProcessCost {
             cpu_us,
-            cpu_us_per_msg: (summary.messages > 0).then(|| cpu_us / summary.messages as f64),
+            cpu_us_per_msg: (messages > 0).then(|| cpu_us / messages as f64),
             cpu_util: cpu.as_secs_f64() / seconds,
             rss_bytes: after.rss_bytes,
-        });
-    }
+        })
+    };
+    summary.server = cost(server_before, server_after);
+    summary.client = cost(client_before, client_after);
     Ok(summary)
 }
 

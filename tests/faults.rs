@@ -10,13 +10,23 @@ use std::time::{Duration, Instant};
 use common::{read_exact_bytes, read_to_eof, reset, Server};
 use rustix::process::Signal;
 
+/// A fresh client is served correctly (ack mode, any framing).
 fn roundtrip(server: &Server) {
-    let mut c = server.connect();
-    c.write_all(b"still there?\n").unwrap();
-    assert_eq!(
-        read_exact_bytes(&mut c, 31),
-        b"Server received \"still there?\"\n"
+    expect_reply(
+        server,
+        b"still there?\n",
+        b"Server received \"still there?\"\n",
     );
+}
+
+fn expect_reply(server: &Server, send: &[u8], want: &[u8]) {
+    let mut c = server.connect();
+    c.write_all(send).unwrap();
+    assert_eq!(read_exact_bytes(&mut c, want.len()), want);
+}
+
+fn ack(body: &str) -> Vec<u8> {
+    format!("Server received \"{body}\"").into_bytes()
 }
 
 /// WinError 10054 crashed the tutorial's server.
@@ -37,7 +47,7 @@ fn regression_client_reset_is_counted_and_logged_and_others_are_served() {
     server.wait_log("connection reset by peer");
     bystander.write_all(b"ok").unwrap();
     assert_eq!(
-        read_exact_bytes(&mut bystander, 19),
+        read_exact_bytes(&mut bystander, 20),
         b"Server received \"ok\""
     );
     roundtrip(&server);
@@ -49,6 +59,7 @@ fn regression_client_reset_is_counted_and_logged_and_others_are_served() {
 #[test]
 fn regression_silent_client_is_closed_after_idle_timeout_without_costing_a_worker() {
     let server = Server::start(&["--workers", "1", "--idle-timeout", "300ms"]);
+    server.scrape(); // the sidecar's threads are started
     let threads = server.threads();
     let mut silent: Vec<TcpStream> = (0..50).map(|_| server.connect()).collect();
     // Meanwhile the only worker still serves everyone else.
@@ -123,7 +134,7 @@ fn client_that_stops_reading_is_flow_controlled_then_closed_after_write_timeout(
         "queued {queued} bytes for a non-reader"
     );
     server.wait_log("write_timeout");
-    roundtrip(&server);
+    expect_reply(&server, b"echo?", b"echo?");
     server.assert_counters_add_up(0.0);
 }
 
@@ -134,7 +145,7 @@ fn over_max_connections_gets_the_busy_message_and_a_counter() {
     for _ in 0..2 {
         let mut c = server.connect();
         c.write_all(b"hold").unwrap();
-        assert_eq!(read_exact_bytes(&mut c, 21), b"Server received \"hold\"");
+        assert_eq!(read_exact_bytes(&mut c, ack("hold").len()), ack("hold"));
         held.push(c);
     }
     for _ in 0..3 {
@@ -166,19 +177,38 @@ fn counters_add_up_after_a_mix_of_closes_resets_timeouts_and_rejections() {
     ]);
     let mut c = server.connect();
     c.write_all(b"a\n").unwrap();
-    read_exact_bytes(&mut c, 20);
+    assert_eq!(read_exact_bytes(&mut c, 20), b"Server received \"a\"\n");
     drop(c); // client_closed
     let c = server.connect();
     c.try_clone().unwrap().write_all(b"x").unwrap();
     reset(c); // reset
-    let idle = server.connect(); // idle_timeout
+    let _idle = server.connect(); // idle_timeout
     let mut long = server.connect();
     long.write_all(b"123456789").unwrap(); // protocol_error
-    let held: Vec<_> = (0..3).map(|_| server.connect()).collect();
-    let text = server.assert_counters_add_up(server.metric("sockpool_connections_active"));
-    assert!(text.contains("sockpool_connections_accepted_total"));
-    drop((idle, long, held));
+    assert_eq!(read_exact_bytes(&mut long, 20), b"ERROR line too long\n");
+    drop(long);
+    server.wait_metric(
+        "sockpool_connections_closed_total{reason=\"protocol_error\"}",
+        |v| v == 1.0,
+    );
+    let _held: Vec<_> = (0..3).map(|_| server.connect()).collect();
+    server.wait_metric("sockpool_connections_active", |v| v == 4.0);
+    let mut extra = server.connect(); // max_connections
+    assert_eq!(read_to_eof(&mut extra), b"ERROR server busy\n");
+    server.assert_counters_add_up(4.0);
+    // Every held connection times out.
+    server.wait_metric(
+        "sockpool_connections_closed_total{reason=\"idle_timeout\"}",
+        |v| v == 4.0,
+    );
     let text = server.assert_counters_add_up(0.0);
+    assert_eq!(
+        common::metric_value(
+            &text,
+            "sockpool_connections_rejected_total{reason=\"max_connections\"}"
+        ),
+        Some(1.0)
+    );
     for reason in ["client_closed", "reset", "idle_timeout", "protocol_error"] {
         let v = common::metric_value(
             &text,
@@ -194,7 +224,7 @@ fn sigterm_refuses_new_clients_lets_open_ones_finish_and_exits_zero() {
     let mut c = server.connect();
     c.write_all(b"before\n").unwrap();
     assert_eq!(
-        read_exact_bytes(&mut c, 24),
+        read_exact_bytes(&mut c, 25),
         b"Server received \"before\"\n"
     );
     server.signal(Signal::TERM);
@@ -208,7 +238,7 @@ fn sigterm_refuses_new_clients_lets_open_ones_finish_and_exits_zero() {
     // The open connection is still served during the grace period.
     c.write_all(b"during\n").unwrap();
     assert_eq!(
-        read_exact_bytes(&mut c, 24),
+        read_exact_bytes(&mut c, 25),
         b"Server received \"during\"\n"
     );
     c.shutdown(Shutdown::Write).unwrap();
@@ -259,8 +289,8 @@ fn close_is_logged_at_debug_with_peer_reason_bytes_and_duration() {
     let mut c = server.connect();
     let local = c.local_addr().unwrap();
     c.write_all(b"hey").unwrap();
-    read_exact_bytes(&mut c, 20);
+    assert_eq!(read_exact_bytes(&mut c, 21), b"Server received \"hey\"");
     drop(c);
-    let log = server.wait_log(&format!("{local}: closed reason=client_closed in=3 out=20"));
+    let log = server.wait_log(&format!("{local}: closed reason=client_closed in=3 out=21"));
     assert!(log.contains("duration="));
 }

@@ -342,10 +342,6 @@ impl Driver<'_> {
                 self.report.hist.saturating_record(nanos.max(1));
             }
         }
-        if measuring && !done.is_empty() {
-            self.completed
-                .fetch_add(done.len() as u64, Ordering::Relaxed);
-        }
         if plan.churn {
             if !done.is_empty() {
                 // One message per connection: close it (we close first, so the
@@ -445,6 +441,7 @@ pub fn run(
     }
     let mut events = Events::with_capacity(1024);
     let mut next_stall_check = now + STALL_CHECK_EVERY;
+    let mut reported = 0;
     let drain_until = plan.end + DRAIN_GRACE.min(plan.reply_timeout);
     loop {
         let now = Instant::now();
@@ -475,6 +472,12 @@ pub fn run(
         for event in events.iter() {
             driver.service(event.token().0, now, &mut buf, &mut done);
         }
+        // The progress counter is shared between threads: touched once per wake-up,
+        // not once per message.
+        driver
+            .completed
+            .fetch_add(driver.report.messages - reported, Ordering::Relaxed);
+        reported = driver.report.messages;
         if now >= next_stall_check {
             driver.check_stalls(now);
             next_stall_check = now + STALL_CHECK_EVERY;

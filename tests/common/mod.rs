@@ -261,11 +261,14 @@ fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// The address after `marker` in sockpool's own startup lines (`] listening on `),
+/// skipping any other line that happens to contain the marker.
 fn find_addr(log: &str, marker: &str) -> Option<SocketAddr> {
-    let start = log.find(marker)? + marker.len();
-    let rest = &log[start..];
-    let end = rest.find([' ', '/', '\n']).unwrap_or(rest.len());
-    rest[..end].parse().ok()
+    log.lines().find_map(|line| {
+        let rest = &line[line.find(&format!("] {marker}"))? + 2 + marker.len()..];
+        let end = rest.find([' ', '/']).unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    })
 }
 
 /// The value of one exact series in a Prometheus text scrape.

@@ -16,6 +16,10 @@ fn cell(value: Option<f64>, digits: usize) -> String {
     value.map_or_else(|| "–".to_string(), |v| format!("{v:.digits$}"))
 }
 
+fn percent(share: Option<f64>) -> String {
+    share.map_or_else(|| "–".to_string(), |u| format!("{:.0}%", u * 100.0))
+}
+
 fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
     match (ours, theirs) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
@@ -31,8 +35,8 @@ fn table(runs: &[Run]) -> String {
         }
     }
     let mut out = String::new();
-    out.push_str("| scenario | server | msgs/s | MB/s | p99 µs | server CPU µs/msg | server CPU use | sockpool ÷ this, msgs/s | sockpool ÷ this, CPU/msg | runs |\n");
-    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("| scenario | server | msgs/s | MB/s | p99 µs | server CPU µs/msg | server CPU use | bench CPU use | sockpool ÷ this, msgs/s | sockpool ÷ this, CPU/msg | runs |\n");
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for scenario in scenarios {
         for server in servers(runs) {
             let n = runs
@@ -53,12 +57,13 @@ fn table(runs: &[Run]) -> String {
                 )
             };
             out.push_str(&format!(
-                "| {scenario} | {server} | {} | {} | {} | {} | {} | {rate_ratio} | {cpu_ratio} | {n} |\n",
+                "| {scenario} | {server} | {} | {} | {} | {} | {} | {} | {rate_ratio} | {cpu_ratio} | {n} |\n",
                 cell(m("/msgs_per_s"), 0),
                 cell(m("/mb_per_s"), 1),
                 cell(m("/latency_us/p99"), 0),
                 cell(m("/server/cpu_us_per_msg"), 2),
-                m("/server/cpu_util").map_or_else(|| "–".to_string(), |u| format!("{:.0}%", u * 100.0)),
+                percent(m("/server/cpu_util")),
+                percent(m("/client/cpu_util")),
             ));
         }
     }

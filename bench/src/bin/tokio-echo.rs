@@ -17,8 +17,12 @@ enum Mode {
     AckLine,
 }
 
+/// Per-connection read buffer: tokio's own `BufReader` default. (A bigger one helps
+/// bulk transfers but costs every idle connection as much.)
+const ECHO_BUF: usize = 8 * 1024;
+
 async fn echo(mut stream: TcpStream) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; ECHO_BUF];
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
