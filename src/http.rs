@@ -529,7 +529,16 @@ fn handler_loop(shared: &Shared, stop_rx: &Receiver<()>) {
             continue;
         }
         match backend.server.recv() {
-            Ok(request) => handle(shared, request, &mut body_hint),
+            Ok(request) => {
+                // tiny_http code runs here too (it writes the answer); whatever
+                // panics must cost this request, not the handler thread.
+                let handled = panic::catch_unwind(AssertUnwindSafe(|| {
+                    handle(shared, request, &mut body_hint)
+                }));
+                if handled.is_err() {
+                    error!("metrics sidecar: handling a request panicked");
+                }
+            }
             Err(e) => {
                 if shared.stopping() {
                     return;

@@ -19,6 +19,9 @@ pub fn init(level: LevelFilter, file: Option<&Path>) -> Result<(), String> {
         .set_thread_level(LevelFilter::Off)
         .set_target_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off)
+        // tiny_http narrates its internals at debug level and reports its own
+        // accept errors, which the sidecar handles and logs itself (see `http`).
+        .add_filter_ignore_str("tiny_http")
         .build();
     // Colour only on a terminal: scripts and tests read these lines.
     let color = if std::io::stderr().is_terminal() {

@@ -849,3 +849,63 @@ fn a_panicking_render_costs_one_scrape() {
     }
     sidecar.shutdown();
 }
+
+/// Skips interim (1xx) answers, as an HTTP client does.
+fn final_reply(raw: &[u8]) -> Reply {
+    let mut rest = raw;
+    loop {
+        let reply = parse(rest);
+        if reply.status >= 200 {
+            return reply;
+        }
+        let end = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(rest.len(), |p| p + 4);
+        rest = &rest[end..];
+    }
+}
+
+#[test]
+fn unusual_but_valid_requests_are_served() {
+    let _g = serial();
+    let r = start(SidecarOptions::default());
+
+    let http10 = exchange(r.addr, b"GET /metrics HTTP/1.0\r\n\r\n");
+    assert_eq!(http10.status, 200);
+    assert!(String::from_utf8_lossy(&http10.body).contains("test_up 1"));
+
+    let mut s = connect(r.addr);
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nTE: chunked\r\n\r\n")
+        .expect("send");
+    let chunked = parse(&read_all(&mut s).expect("read"));
+    assert_eq!(chunked.status, 200);
+    assert_eq!(chunked.header("Transfer-Encoding"), Some("chunked"));
+    assert!(String::from_utf8_lossy(&chunked.body).contains("test_up 1"));
+
+    let mut s = connect(r.addr);
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\n\r\n")
+        .expect("send");
+    let expect = final_reply(&read_all(&mut s).expect("read"));
+    assert_eq!(expect.status, 200);
+
+    // Keep-alive asked for, one request served, and the client is told.
+    let keep = exchange(
+        r.addr,
+        b"GET /-/healthy HTTP/1.1\r\nHost: t\r\nConnection: keep-alive\r\n\r\n",
+    );
+    assert_eq!(keep.status, 200);
+    assert_eq!(keep.header("Connection"), Some("close"));
+
+    // Two pipelined requests: the first is answered, the connection then closes.
+    let mut s = connect(r.addr);
+    s.write_all(b"GET /-/healthy HTTP/1.1\r\nHost: t\r\n\r\nGET /nope HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("send");
+    let raw = read_all(&mut s).expect("read");
+    assert_eq!(parse(&raw).status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&raw).matches("HTTP/1.1 ").count(),
+        1
+    );
+    stop(r);
+}

@@ -221,7 +221,11 @@ impl Conn {
                 *ctx.scratch = replies;
                 ctx.counters.messages += fed.messages;
                 if fed.error.is_some() {
-                    log::debug!("{}: line longer than max_line_bytes; closing", self.peer);
+                    log::debug!(
+                        "{}: line longer than max_line_bytes; the read began {}",
+                        self.peer,
+                        crate::logging::escape(&ctx.buf[..n], 48)
+                    );
                     self.state = State::Closing { since: ctx.now };
                     return r.map_or_else(Next::Close, |_| Next::Wait);
                 }

@@ -314,7 +314,7 @@ impl Worker {
             CloseReason::Reset => {
                 warn_limited!(self.reset_log, self.now, "{peer}: connection reset by peer");
             }
-            CloseReason::IdleTimeout | CloseReason::WriteTimeout => {
+            CloseReason::IdleTimeout | CloseReason::WriteTimeout | CloseReason::ProtocolError => {
                 warn_limited!(
                     self.timeout_log,
                     self.now,

@@ -1,0 +1,185 @@
+//! Properties of the sans-I/O codecs, through the public `sockpool::protocol` API:
+//! how the input is cut into reads never changes what line framing or echo answer;
+//! read framing answers each read exactly once; line framing fails exactly when a
+//! line is over the limit. Plus the regression tests the fuzzer's findings became.
+
+use proptest::prelude::*;
+use sockpool::protocol::{Codec, Decoder, LINE_TOO_LONG};
+
+/// What a decoder answered for a sequence of reads followed by EOF.
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    out: Vec<u8>,
+    messages: u64,
+    failed: bool,
+}
+
+/// Feeds `reads` one `feed` call each (stopping at an error, as the server does),
+/// then `finish`es unless it failed.
+fn run(codec: Codec, reads: &[&[u8]]) -> Outcome {
+    let mut d = Decoder::new(codec);
+    let mut out = Vec::new();
+    let mut messages = 0;
+    for read in reads {
+        let fed = d.feed(read, &mut out);
+        messages += fed.messages;
+        if let Codec::AckLine { max_line_bytes } = codec {
+            assert!(d.buffered() <= max_line_bytes + 1, "holds {}", d.buffered());
+        }
+        if fed.error.is_some() {
+            return Outcome {
+                out,
+                messages,
+                failed: true,
+            };
+        }
+    }
+    messages += d.finish(&mut out);
+    Outcome {
+        out,
+        messages,
+        failed: false,
+    }
+}
+
+/// Cuts `input` at the given positions (sorted, duplicates give empty reads).
+fn cut<'a>(input: &'a [u8], at: &[prop::sample::Index]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = at.iter().map(|i| i.index(input.len() + 1)).collect();
+    points.sort_unstable();
+    let mut reads = Vec::with_capacity(points.len() + 1);
+    let mut start = 0;
+    for p in points {
+        reads.push(&input[start..p]);
+        start = p;
+    }
+    reads.push(&input[start..]);
+    reads
+}
+
+fn ack(body: &[u8], newline: bool) -> Vec<u8> {
+    let mut v = b"Server received \"".to_vec();
+    v.extend_from_slice(body);
+    v.push(b'"');
+    if newline {
+        v.push(b'\n');
+    }
+    v
+}
+
+/// Bytes with plenty of `\n` and `\r`, so that lines are short and terminators of
+/// every kind are common.
+fn bytes(max_len: usize) -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        prop_oneof![2 => Just(b'\n'), 2 => Just(b'\r'), 2 => Just(b'"'), 12 => any::<u8>()],
+        0..max_len,
+    )
+}
+
+fn cuts() -> impl Strategy<Value = Vec<prop::sample::Index>> {
+    prop::collection::vec(any::<prop::sample::Index>(), 0..12)
+}
+
+proptest! {
+    #[test]
+    fn line_framing_replies_do_not_depend_on_how_reads_split(
+        input in bytes(400),
+        at in cuts(),
+        max_line_bytes in 0usize..48,
+    ) {
+        let codec = Codec::AckLine { max_line_bytes };
+        let whole = run(codec, &[&input]);
+        let split = run(codec, &cut(&input, &at));
+        prop_assert_eq!(split, whole);
+    }
+
+    #[test]
+    fn echo_returns_the_same_bytes_however_reads_split(input in bytes(400), at in cuts()) {
+        let split = run(Codec::Echo, &cut(&input, &at));
+        prop_assert_eq!(split.out, input);
+        prop_assert!(!split.failed);
+    }
+
+    #[test]
+    fn read_framing_answers_each_read_exactly_once(input in bytes(400), at in cuts()) {
+        let reads = cut(&input, &at);
+        let got = run(Codec::AckRead, &reads);
+        let mut want = Vec::new();
+        let mut n = 0;
+        for read in reads.iter().filter(|r| !r.is_empty()) {
+            n += 1;
+            want.extend(match read.strip_suffix(b"\n") {
+                Some(body) => ack(body.strip_suffix(b"\r").unwrap_or(body), true),
+                None => ack(read, false),
+            });
+        }
+        prop_assert_eq!(got.out, want);
+        prop_assert_eq!(got.messages, n);
+        prop_assert!(!got.failed);
+    }
+
+    /// The contract: a line longer than `max_line_bytes`, counted without its
+    /// terminator (`\n` or `\r\n`), is an error; a final line without `\n` at EOF is
+    /// answered as it is. Checked against a line-by-line reading of the whole input.
+    #[test]
+    fn line_framing_fails_iff_some_line_is_over_the_limit(
+        input in bytes(300),
+        at in cuts(),
+        max_line_bytes in 0usize..24,
+    ) {
+        let got = run(Codec::AckLine { max_line_bytes }, &cut(&input, &at));
+        let mut want = Vec::new();
+        let mut pieces: Vec<&[u8]> = input.split(|&b| b == b'\n').collect();
+        let last = pieces.pop().unwrap_or_default();
+        let mut over = false;
+        for line in pieces {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.len() > max_line_bytes {
+                over = true;
+                break;
+            }
+            want.extend(ack(line, true));
+        }
+        if !over && last.len() > max_line_bytes {
+            over = true;
+        }
+        if over {
+            want.extend_from_slice(LINE_TOO_LONG);
+        } else if !last.is_empty() {
+            want.extend(ack(last, false));
+        }
+        prop_assert_eq!(got.failed, over);
+        prop_assert_eq!(got.out, want);
+    }
+}
+
+/// Found by `line_framing_fails_iff_some_line_is_over_the_limit`: a final line
+/// without `\n` that is one byte over the limit, that byte being `\r`, is answered
+/// at EOF instead of getting the error. While the line was open the decoder rightly
+/// kept the `\r` (a `\n` might have followed, making it a terminator); once the
+/// client has half-closed, no `\n` can come, so the `\r` is content and the line is
+/// `max_line_bytes + 1` long.
+#[test]
+fn regression_final_line_one_over_the_limit_ending_in_cr_is_an_error_at_eof() {
+    let codec = Codec::AckLine { max_line_bytes: 8 };
+    let got = run(codec, &[b"ok\n12345678\r"]);
+    let mut want = ack(b"ok", true);
+    want.extend_from_slice(LINE_TOO_LONG);
+    assert_eq!(
+        String::from_utf8_lossy(&got.out),
+        String::from_utf8_lossy(&want)
+    );
+    assert!(got.failed || got.out.ends_with(LINE_TOO_LONG));
+}
+
+/// The same `\r`, at the limit, is kept while the line is open and the line is fine
+/// once its `\n` arrives, however the reads fall.
+#[test]
+fn line_at_the_limit_with_crlf_split_anywhere_is_answered() {
+    let codec = Codec::AckLine { max_line_bytes: 8 };
+    let input = b"12345678\r\n";
+    for i in 0..=input.len() {
+        let got = run(codec, &[&input[..i], &input[i..]]);
+        assert_eq!(got.out, ack(b"12345678", true), "cut at {i}");
+        assert!(!got.failed);
+    }
+}
