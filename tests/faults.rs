@@ -64,9 +64,10 @@ fn regression_silent_client_is_closed_after_idle_timeout_without_costing_a_worke
     let mut silent: Vec<TcpStream> = (0..50).map(|_| server.connect()).collect();
     // Meanwhile the only worker still serves everyone else.
     roundtrip(&server);
-    assert_eq!(
-        server.threads(),
-        threads,
+    // (The sidecar's tiny_http pool may add a thread for a few seconds; 50
+    // connections on a thread-per-connection server would add 50.)
+    assert!(
+        server.threads() <= threads + 2,
         "connections must not cost threads"
     );
     let started = Instant::now();
