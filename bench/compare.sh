@@ -130,6 +130,9 @@ run() {
             "$(sed -n 's/.*"msgs_per_s":\([0-9.e+]*\).*/\1/p' <<< "$json")" >&2
     else
         echo "  $scenario $name: bench failed: $(tr '\n' ' ' < "$WORK/bench.err")" >&2
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "  (the server had exited)" >&2; fi
+        echo "  server log, last lines:" >&2
+        tail -n 5 "$WORK/server.log" | sed 's/^/    /' >&2
     fi
     stop_server
 }

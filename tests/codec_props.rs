@@ -38,7 +38,7 @@ fn run(codec: Codec, reads: &[&[u8]]) -> Outcome {
     Outcome {
         out,
         messages,
-        failed: false,
+        failed: d.failed(),
     }
 }
 

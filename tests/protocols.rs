@@ -134,3 +134,21 @@ fn echo_64_mib_with_concurrent_reads_comes_back_exactly() {
     assert_eq!(server.metric("sockpool_received_bytes_total"), TOTAL as f64);
     server.assert_counters_add_up(0.0);
 }
+
+#[test]
+fn final_line_over_the_limit_at_eof_gets_the_error_and_counts_as_protocol_error() {
+    let server = Server::start(&["--framing", "line", "--max-line-bytes", "8"]);
+    let mut c = server.connect();
+    // Eight bytes and a `\r` fit while a `\n` may follow; at EOF the `\r` is content.
+    c.write_all(b"ok\n12345678\r").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        read_to_eof(&mut c),
+        b"Server received \"ok\"\nERROR line too long\n"
+    );
+    server.wait_metric(
+        "sockpool_connections_closed_total{reason=\"protocol_error\"}",
+        |v| v == 1.0,
+    );
+    server.assert_counters_add_up(0.0);
+}

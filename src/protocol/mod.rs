@@ -81,6 +81,11 @@ impl Decoder {
         self.codec
     }
 
+    /// True after a line went over the limit: the connection must be closed.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
     /// Bytes held for an unfinished line.
     pub fn buffered(&self) -> usize {
         self.partial.len()
@@ -159,9 +164,19 @@ impl Decoder {
 
     /// The client half-closed: answers an unfinished final line (without a trailing
     /// `\n`, as it had none). Returns how many messages were answered (0 or 1).
+    ///
+    /// A final line one byte over the limit whose last byte is `\r` was kept while
+    /// a `\n` could still follow; at EOF that `\r` is content, so the line is too
+    /// long: [`LINE_TOO_LONG`] is appended and [`Decoder::failed`] turns true.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> u64 {
         if self.failed || self.partial.is_empty() {
             return 0;
+        }
+        if let Codec::AckLine { max_line_bytes } = self.codec {
+            if self.partial.len() > max_line_bytes {
+                self.fail(out, 0);
+                return 0;
+            }
         }
         push_ack(out, &self.partial, false);
         self.clear_partial();
@@ -272,6 +287,13 @@ mod tests {
         assert_eq!((out.as_slice(), n), (&b"Server received \"a\"\n"[..], 1));
         let (out, _, _) = run(LINE, &[b"cr\r"], true);
         assert_eq!(out, b"Server received \"cr\r\"");
+        // At the limit plus a `\r` that no `\n` will follow: too long after all.
+        let mut d = Decoder::new(LINE);
+        let mut out = Vec::new();
+        assert_eq!(d.feed(b"12345678\r", &mut out).error, None);
+        assert_eq!(d.finish(&mut out), 0);
+        assert!(d.failed());
+        assert_eq!(out, LINE_TOO_LONG);
     }
 
     #[test]

@@ -192,6 +192,11 @@ impl Conn {
                     self.state = State::ReadClosed;
                     ctx.scratch.clear();
                     ctx.counters.messages += self.decoder.finish(ctx.scratch);
+                    if self.decoder.failed() {
+                        // The final line was too long: the error goes out, then the
+                        // usual graceful close (the input is already at EOF).
+                        self.state = State::Closing { since: ctx.now };
+                    }
                     let replies = std::mem::take(ctx.scratch);
                     let result = self.send(&replies, ctx);
                     *ctx.scratch = replies;

@@ -9,7 +9,16 @@ use std::process::ExitCode;
 use plotters::prelude::*;
 use sockpool_bench::{median_of, read_runs, servers, Run};
 
-/// Scenarios `echo-pp-16`, `echo-pp-64`, ... : ping-pong echo at N connections.
+/// Line colours, readable on white (the first is sockpool's: it is run first).
+const COLORS: [RGBColor; 5] = [
+    RGBColor(214, 39, 40),
+    RGBColor(31, 119, 180),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+];
+
+/// Scenarios `echo-pp-16`, `echo-pp-64`, ...: ping-pong echo at N connections.
 const PREFIX: &str = "echo-pp-";
 
 /// (log2 connections, median msgs/s) for `server`, sorted by connections.
@@ -66,7 +75,7 @@ fn draw(runs: &[Run], out: &str) -> Result<(), Box<dyn std::error::Error>> {
         .margin(20)
         .x_label_area_size(45)
         .y_label_area_size(80)
-        .build_cartesian_2d(x_min - 0.5..x_max + 0.5, 0.0..y_max * 1.15)?;
+        .build_cartesian_2d(x_min - 0.5..x_max + 0.5, 0.0..y_max * 1.3)?;
     chart
         .configure_mesh()
         .x_labels((x_max - x_min) as usize + 2)
@@ -77,7 +86,7 @@ fn draw(runs: &[Run], out: &str) -> Result<(), Box<dyn std::error::Error>> {
         .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
         .draw()?;
     for (i, (server, pts)) in lines.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = COLORS[i % COLORS.len()].to_rgba();
         chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
             .label(server.as_str())
@@ -88,7 +97,7 @@ fn draw(runs: &[Run], out: &str) -> Result<(), Box<dyn std::error::Error>> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
