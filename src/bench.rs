@@ -56,8 +56,7 @@ pub struct BenchArgs {
     /// Load applied before measuring starts (verified, not counted).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub warmup: Duration,
-    /// echo: replies are the request bytes; ack-line: `Server received "<line>"\n`
-    /// from a server in `--mode ack --framing line`.
+    /// What the server is expected to answer.
     #[arg(long, value_enum, default_value_t = Mode::Echo)]
     pub mode: Mode,
     /// Requests kept outstanding per connection (1 = ping-pong).
@@ -89,32 +88,10 @@ pub struct BenchArgs {
     pub scrape: Option<String>,
 }
 
-/// Parses a human duration: `0`, `250ms`, `30s`, `1.5s`, `5m`, `2h`.
+/// Parses a human duration exactly as the server's config does (`0`, `250ms`,
+/// `30s`, `5m`, `2h`), naming the value on error.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("duration {text:?} needs a unit: ms, s, m or h"))?;
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("duration {text:?}: {number:?} is not a number"))?;
-    let seconds_per_unit = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "duration {text:?}: unknown unit {unit:?} (use ms, s, m or h)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(value * seconds_per_unit)
-        .map_err(|_| format!("duration {text:?} is out of range"))
+    crate::config::parse_duration(text).map_err(|e| format!("duration {text:?}: {e}"))
 }
 
 fn parse_nonzero_duration(text: &str) -> Result<Duration, String> {
@@ -675,7 +652,6 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
     }

@@ -238,7 +238,9 @@ impl Raw {
     /// A timeout: a duration, with 0 meaning "disabled".
     fn timeout(&self) -> Result<Option<Duration>, String> {
         let d = match self {
-            Raw::Int(i) if *i >= 0 => Duration::from_secs(*i as u64),
+            Raw::Int(i) if *i < 0 => return Err("must not be negative".into()),
+            Raw::Int(i) if *i as u64 > MAX_DURATION.as_secs() => return Err(too_long()),
+            Raw::Int(i) => Duration::from_secs(*i as u64),
             _ => parse_duration(self.text()?)?,
         };
         Ok((!d.is_zero()).then_some(d))
@@ -255,6 +257,14 @@ impl Raw {
                 format!("expected one of {}", names.join(", "))
             })
     }
+}
+
+/// Longest duration accepted anywhere: deadlines are `Instant + duration`, which
+/// must not overflow, and nothing here needs more than a year.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn too_long() -> String {
+    "duration too large (at most a year)".into()
 }
 
 /// Parses a human duration: `0`, or a whole number with a unit `ms`, `s`, `m`, `h`
@@ -275,11 +285,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3_600_000,
         _ => return Err(bad()),
     };
-    let ms = n
-        .checked_mul(per_unit_ms)
-        .ok_or_else(|| "duration too large".to_string())?;
-    if ms > 365 * 24 * 3_600_000 {
-        return Err("duration too large (at most a year)".into());
+    let ms = n.checked_mul(per_unit_ms).ok_or_else(too_long)?;
+    if ms > MAX_DURATION.as_millis() as u64 {
+        return Err(too_long());
     }
     Ok(Duration::from_millis(ms))
 }
@@ -693,6 +701,10 @@ mod tests {
                 "server.tcp_nodelay = \"yes\"",
             ),
             ("[server]\nbogus = 1", "unknown key server.bogus"),
+            (
+                "[connection]\nidle_timeout = 9223372036854775807",
+                "connection.idle_timeout = 9223372036854775807: duration too large",
+            ),
             ("[nope]\nx = 1", "unknown key nope.x"),
             ("top = 1", "top = 1"),
             (
