@@ -112,6 +112,17 @@ pub fn median_of(runs: &[Run], server: &str, scenario: &str, pointer: &str) -> O
     median(&values)
 }
 
+/// Smallest and largest value of a field over every run of one server in one scenario.
+pub fn range_of(runs: &[Run], server: &str, scenario: &str, pointer: &str) -> Option<(f64, f64)> {
+    runs.iter()
+        .filter(|r| r.server == server && r.scenario == scenario)
+        .filter_map(|r| r.number(pointer))
+        .fold(None, |acc, v| match acc {
+            None => Some((v, v)),
+            Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+        })
+}
+
 /// Server names in order of first appearance.
 pub fn servers(runs: &[Run]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();

@@ -7,13 +7,23 @@
 
 use std::process::ExitCode;
 
-use sockpool_bench::{median_of, read_runs, servers, Run};
+use sockpool_bench::{median_of, range_of, read_runs, servers, Run};
 
 /// The server every other one is compared with.
 const SUBJECT: &str = "sockpool";
 
 fn cell(value: Option<f64>, digits: usize) -> String {
     value.map_or_else(|| "–".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// `median (min–max)`: the spread over the rounds, since single runs here vary.
+fn spread(median: Option<f64>, range: Option<(f64, f64)>, digits: usize) -> String {
+    match (median, range) {
+        (Some(m), Some((lo, hi))) if hi > lo => {
+            format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})")
+        }
+        _ => cell(median, digits),
+    }
 }
 
 fn percent(share: Option<f64>) -> String {
@@ -35,7 +45,7 @@ fn table(runs: &[Run]) -> String {
         }
     }
     let mut out = String::new();
-    out.push_str("| scenario | server | msgs/s | MB/s | p99 µs | server CPU µs/msg | server CPU use | bench CPU use | sockpool ÷ this, msgs/s | sockpool ÷ this, CPU/msg | runs |\n");
+    out.push_str("| scenario | server | msgs/s median (min–max) | MB/s | p99 µs | server CPU µs/msg median (min–max) | server CPU use | bench CPU use | sockpool ÷ this, msgs/s | sockpool ÷ this, CPU/msg | runs |\n");
     out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for scenario in scenarios {
         for server in servers(runs) {
@@ -47,6 +57,7 @@ fn table(runs: &[Run]) -> String {
                 continue;
             }
             let m = |p: &str| median_of(runs, &server, scenario, p);
+            let r = |p: &str| range_of(runs, &server, scenario, p);
             let ours = |p: &str| median_of(runs, SUBJECT, scenario, p);
             let (rate_ratio, cpu_ratio) = if server == SUBJECT {
                 ("–".to_string(), "–".to_string())
@@ -58,10 +69,10 @@ fn table(runs: &[Run]) -> String {
             };
             out.push_str(&format!(
                 "| {scenario} | {server} | {} | {} | {} | {} | {} | {} | {rate_ratio} | {cpu_ratio} | {n} |\n",
-                cell(m("/msgs_per_s"), 0),
+                spread(m("/msgs_per_s"), r("/msgs_per_s"), 0),
                 cell(m("/mb_per_s"), 1),
                 cell(m("/latency_us/p99"), 0),
-                cell(m("/server/cpu_us_per_msg"), 2),
+                spread(m("/server/cpu_us_per_msg"), r("/server/cpu_us_per_msg"), 2),
                 percent(m("/server/cpu_util")),
                 percent(m("/client/cpu_util")),
             ));
