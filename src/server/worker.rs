@@ -59,7 +59,6 @@ pub struct Worker {
     next_generation: u64,
     shared: Arc<Shared>,
     limits: Limits,
-    tcp_nodelay: bool,
     grace: Duration,
     /// Set once the acceptor has gone: the time by which everything must close.
     drain_deadline: Option<Instant>,
@@ -96,7 +95,6 @@ impl Worker {
                 idle_timeout: config.connection.idle_timeout,
                 write_timeout: config.connection.write_timeout,
             },
-            tcp_nodelay: config.server.tcp_nodelay,
             grace: config.shutdown.grace,
             drain_deadline: None,
             counters: LocalCounters::default(),
@@ -196,11 +194,10 @@ impl Worker {
 
     fn adopt(&mut self, h: Handoff) {
         let Handoff { mut stream, peer } = h;
+        // TCP_NODELAY needs no call here: accepted sockets inherit it from the
+        // listener (see `bind_main`).
         let stats = self.shared.metrics.worker(self.id);
         stats.connection_opened();
-        if self.tcp_nodelay {
-            let _ = stream.set_nodelay(true);
-        }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.poll.registry().register(
