@@ -1124,6 +1124,26 @@ impl Front {
 /// Reads the head up to its blank line, then the body its `Content-Length`
 /// announces (tiny_http reads small bodies eagerly and fails on a short one).
 /// `Some` means close.
+/// `METHOD SP TARGET SP HTTP/1.x`: a method of 1 to 16 upper-case letters, a target
+/// that is `*` or starts with `/` (or is an absolute `http` URI), printable ASCII.
+fn request_line_ok(head: &[u8]) -> bool {
+    let line = match find(head, b"\r\n") {
+        Some(end) => &head[..end],
+        None => return false,
+    };
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    (1..=16).contains(&method.len())
+        && method.iter().all(u8::is_ascii_uppercase)
+        && (target == b"*" || target.starts_with(b"/") || target.starts_with(b"http"))
+        && target.iter().all(|b| b.is_ascii_graphic())
+        && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
+}
+
 fn read_request(conn: &mut Conn, scratch: &mut [u8]) -> Option<Close> {
     loop {
         if let Some(need) = conn.need {
@@ -1150,6 +1170,11 @@ fn read_request(conn: &mut Conn, scratch: &mut [u8]) -> Option<Close> {
             let end = searched + end + 4;
             if end > MAX_HEAD_BYTES {
                 return Some(Close::Reply(RESP_431, "request head too large"));
+            }
+            if !request_line_ok(&conn.head[..end]) {
+                // tiny_http would drop such a request without an answer, which
+                // the relay could only report as 502; say what it is instead.
+                return Some(Close::Reply(RESP_400, "malformed request line"));
             }
             match body_length(&conn.head[..end]) {
                 Ok(body) => conn.need = Some(end + body),
@@ -1367,6 +1392,28 @@ fn held_back(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn request_lines_are_checked_before_relaying() {
+        for good in [
+            &b"GET /metrics HTTP/1.1\r\n\r\n"[..],
+            b"HEAD / HTTP/1.0\r\n\r\n",
+            b"POST * HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(request_line_ok(good), "{good:?}");
+        }
+        for bad in [
+            &b"\x00\xff garbage\r\n\r\n"[..],
+            b"GET\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"get / HTTP/1.1\r\n\r\n",
+            b"GET  / HTTP/1.1\r\n\r\n",
+            b"GET /a b HTTP/1.1\r\n\r\n",
+            b"\r\n\r\n",
+        ] {
+            assert!(!request_line_ok(bad), "{bad:?}");
+        }
+    }
     use super::*;
 
     #[test]
