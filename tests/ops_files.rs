@@ -8,6 +8,8 @@
 //! `CI=true`: `.ci/run` installs Debian's `prometheus` and `systemd`, so there a missing
 //! tool is a failure, never a silent pass.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -26,31 +28,8 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Whether `tool` can be started. Outside CI a missing tool skips the calling test
-/// (with a note on stderr); under `CI=true` it fails it.
 fn have(tool: &str) -> bool {
-    let started = Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match started {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                !in_ci(),
-                "{tool} is required under CI=true but cannot be started: {e} \
-                 (apt-get install -y --no-install-recommends prometheus systemd)"
-            );
-            eprintln!("SKIPPED: {tool} cannot be started ({e}); install Debian's prometheus and systemd packages");
-            false
-        }
-    }
+    common::have_tool(tool, "prometheus systemd")
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -44,32 +44,8 @@ fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Whether `tool` can be started; under `CI=true` a missing tool fails the test.
 fn have(tool: &str) -> bool {
-    let started = Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match started {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                !in_ci(),
-                "{tool} is required under CI=true but cannot be started: {e} \
-                 (apt-get install -y --no-install-recommends prometheus)"
-            );
-            eprintln!(
-                "SKIPPED: {tool} cannot be started ({e}); install Debian's prometheus package"
-            );
-            false
-        }
-    }
+    common::have_tool(tool, "prometheus")
 }
 
 fn assert_success(what: &str, out: &Output) {

@@ -16,6 +16,33 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sockpool")
 }
 
+/// True under `CI=true`, where a missing tool is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Whether `tool` can be started. Outside CI a missing tool skips the calling test
+/// (with a note on stderr); under `CI=true` it fails it. `packages` names the
+/// Debian packages that provide it.
+pub fn have_tool(tool: &str, packages: &str) -> bool {
+    match Command::new(tool)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                !in_ci(),
+                "{tool} is required under CI=true but cannot be started: {e} \
+                 (apt-get install -y --no-install-recommends {packages})"
+            );
+            eprintln!("SKIPPED: {tool} cannot be started ({e}); install Debian's {packages}");
+            false
+        }
+    }
+}
+
 /// Runs `sockpool ARGS` to completion (with a time bound) and returns its output.
 pub fn run(args: &[&str]) -> Output {
     let mut child = Command::new(bin())
