@@ -211,6 +211,11 @@ $CHART_MD
 
 Raw results (one \`sockpool bench --json\` object per run): \`$RESULTS_REL\`.
 EOF_MD
+    # Hand-written analysis of the figures, kept across runs.
+    if [ -f "$ROOT/bench/analysis.md" ]; then
+        echo
+        cat "$ROOT/bench/analysis.md"
+    fi
 } > "$OUT"
 echo "wrote $OUT" >&2
 cat "$OUT"
