@@ -236,15 +236,7 @@ fn alert_blocks() -> Vec<(String, String)> {
     blocks
 }
 
-const ALERTS: &[&str] = &[
-    "SockpoolDown",
-    "SockpoolNearConnectionLimit",
-    "SockpoolRejectingConnections",
-    "SockpoolHighResetErrorRatio",
-    "SockpoolWorkerSaturated",
-    "SockpoolFdsNearLimit",
-    "SockpoolAcceptErrors",
-];
+use common::ALERTS;
 
 #[test]
 fn alerts_are_named_labelled_and_annotated() {

@@ -684,15 +684,7 @@ fn check_dashboard(prom: &Prometheus, instance: &str) {
     );
 }
 
-const ALERTS: &[&str] = &[
-    "SockpoolDown",
-    "SockpoolNearConnectionLimit",
-    "SockpoolRejectingConnections",
-    "SockpoolHighResetErrorRatio",
-    "SockpoolWorkerSaturated",
-    "SockpoolFdsNearLimit",
-    "SockpoolAcceptErrors",
-];
+use common::ALERTS;
 
 fn check_alerts(prom: &Prometheus) {
     // The rules as Prometheus itself parsed them from alerts.yml, once each has run.

@@ -16,6 +16,17 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sockpool")
 }
 
+/// Every alert in config/prometheus/alerts.yml (the ops tests check each one).
+pub const ALERTS: &[&str] = &[
+    "SockpoolDown",
+    "SockpoolNearConnectionLimit",
+    "SockpoolRejectingConnections",
+    "SockpoolHighResetErrorRatio",
+    "SockpoolWorkerSaturated",
+    "SockpoolFdsNearLimit",
+    "SockpoolAcceptErrors",
+];
+
 /// True under `CI=true`, where a missing tool is a failure, not a skip.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
