@@ -184,14 +184,10 @@ fn server_going_away_ends_the_run_with_an_error() {
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(server); // kills the server: its sockets close under the bench
-    let deadline = Instant::now() + WAIT;
-    while bench.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = bench.kill();
-            panic!("bench kept running after the server went away");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        common::wait_child(&mut bench, WAIT).is_some(),
+        "bench kept running after the server went away"
+    );
     let out = bench.wait_with_output().expect("bench output");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -54,6 +54,17 @@ pub fn have_tool(tool: &str, packages: &str) -> bool {
     }
 }
 
+/// Fails with both output streams if a finished command did not succeed.
+pub fn assert_success(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `sockpool ARGS` to completion (with a time bound) and returns its output.
 pub fn run(args: &[&str]) -> Output {
     let mut child = Command::new(bin())
@@ -285,7 +296,8 @@ impl Drop for Server {
     }
 }
 
-fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+/// Waits up to `limit` for `child` to exit; kills it and returns `None` past that.
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
