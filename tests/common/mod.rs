@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long any single wait in a test may take before it fails.
@@ -135,12 +135,12 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let mut t = sink.text.lock().unwrap();
+                let mut t = sink.text.lock().unwrap_or_else(PoisonError::into_inner);
                 t.0.push_str(&line);
                 t.0.push('\n');
                 sink.changed.notify_all();
             }
-            sink.text.lock().unwrap().1 = true;
+            sink.text.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
             sink.changed.notify_all();
         });
         let want_metrics = !has("--no-metrics");
@@ -188,11 +188,13 @@ impl Server {
         let deadline = Instant::now() + WAIT;
         let mut guard = self.log.text.lock().unwrap();
         while !guard.0.contains(needle) {
-            assert!(
-                Instant::now() < deadline && !guard.1,
-                "log never showed {needle:?}:\n{}",
-                guard.0
-            );
+            if Instant::now() >= deadline || guard.1 {
+                // Panic without the lock held, or the log reader thread dies of
+                // the poison and hides what the server said next.
+                let text = guard.0.clone();
+                drop(guard);
+                panic!("log never showed {needle:?}:\n{text}");
+            }
             guard = self
                 .log
                 .changed
@@ -278,12 +280,20 @@ impl Server {
 
     /// Threads of the server process.
     pub fn threads(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/task", self.pid())).map_or(0, |d| d.count())
+        self.proc_entries("task")
     }
 
     /// Open file descriptors of the server process.
     pub fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+        self.proc_entries("fd")
+    }
+
+    /// Entries of a /proc/PID directory. An unreadable one fails the test: read as
+    /// zero it would make every "back to baseline" check pass.
+    fn proc_entries(&self, dir: &str) -> usize {
+        let path = format!("/proc/{}/{dir}", self.pid());
+        let entries = std::fs::read_dir(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        entries.count()
     }
 }
 
