@@ -176,7 +176,10 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 }
 
 fn count_entries(dir: &str) -> usize {
-    fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+    // Read as zero, an unreadable directory would pass every "no growth" check.
+    fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .count()
 }
 
 fn opts_with_token(token: &str) -> SidecarOptions {
