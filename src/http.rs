@@ -50,6 +50,9 @@ use log::{debug, error, warn};
 use mio::net::{TcpStream, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::logging::RateLimit;
+use crate::warn_limited;
+
 /// Renders the whole Prometheus text exposition into the buffer.
 pub type RenderFn = Arc<dyn Fn(&mut String) + Send + Sync>;
 
@@ -502,7 +505,7 @@ fn anyone_listening(dir: &Path) -> bool {
 fn handler_loop(shared: &Shared, stop_rx: &Receiver<()>) {
     let mut backoff = REBUILD_BACKOFF_MIN;
     let mut body_hint = 4096;
-    let mut warn_limit = RateLimit::new();
+    let mut warn_limit = RateLimit::new(1, WARN_EVERY);
     loop {
         if shared.stopping() {
             return;
@@ -514,12 +517,11 @@ fn handler_loop(shared: &Shared, stop_rx: &Receiver<()>) {
             match shared.rebuild(&backend) {
                 Ok(()) => backoff = REBUILD_BACKOFF_MIN,
                 Err(e) => {
-                    if let Some(held) = warn_limit.allow() {
-                        warn!(
-                            "metrics sidecar: cannot restart the HTTP backend, retrying: {e}{}",
-                            held_back(held)
-                        );
-                    }
+                    warn_limited!(
+                        warn_limit,
+                        Instant::now(),
+                        "metrics sidecar: cannot restart the HTTP backend, retrying: {e}"
+                    );
                     if let Err(RecvTimeoutError::Disconnected) = stop_rx.recv_timeout(backoff) {
                         return;
                     }
@@ -792,8 +794,8 @@ impl Front {
             accept_ready: true,
             accept_paused_until: None,
             accept_backoff: ACCEPT_BACKOFF_MIN,
-            accept_warn: RateLimit::new(),
-            stuck_warn: RateLimit::new(),
+            accept_warn: RateLimit::new(1, WARN_EVERY),
+            stuck_warn: RateLimit::new(1, WARN_EVERY),
             shared,
             stop_rx,
             scratch: vec![0; 16 * 1024],
@@ -904,13 +906,12 @@ impl Front {
                 // The client gave up before we got to it: nothing to back off for.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
                 Err(e) => {
-                    if let Some(held) = self.accept_warn.allow() {
-                        warn!(
-                            "metrics sidecar: accept failed, retrying in {:?}: {e}{}",
-                            self.accept_backoff,
-                            held_back(held)
-                        );
-                    }
+                    warn_limited!(
+                        self.accept_warn,
+                        Instant::now(),
+                        "metrics sidecar: accept failed, retrying in {:?}: {e}",
+                        self.accept_backoff
+                    );
                     self.accept_paused_until = Some(Instant::now() + self.accept_backoff);
                     self.accept_backoff = (self.accept_backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     return;
@@ -1014,14 +1015,13 @@ impl Front {
                 _ => continue,
             };
             if phase == Phase::Relay && !answered {
-                if let Some(held) = self.stuck_warn.allow() {
-                    warn!(
-                        "metrics sidecar: the HTTP backend gave no answer within {:?}; \
-                         its slot stays taken until it does{}",
-                        self.request_timeout,
-                        held_back(held)
-                    );
-                }
+                warn_limited!(
+                    self.stuck_warn,
+                    now,
+                    "metrics sidecar: the HTTP backend gave no answer within {:?}; \
+                     its slot stays taken until it does",
+                    self.request_timeout
+                );
             }
             let how = match phase {
                 // Never said a word (a browser's preconnect, a port scan): just close.
@@ -1352,44 +1352,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// At most one message per `WARN_EVERY`, reporting how many were held back.
-struct RateLimit {
-    last: Option<Instant>,
-    held: u64,
-}
-
-impl RateLimit {
-    fn new() -> RateLimit {
-        RateLimit {
-            last: None,
-            held: 0,
-        }
-    }
-
-    /// `Some(held back since the last one)` when a message may go out now.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(t) if now.duration_since(t) < WARN_EVERY => {
-                self.held += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.held))
-            }
-        }
-    }
-}
-
-fn held_back(n: u64) -> String {
-    if n == 0 {
-        String::new()
-    } else {
-        format!(" ({n} similar message(s) held back)")
-    }
-}
-
 #[cfg(test)]
 mod tests {
 
@@ -1432,15 +1394,5 @@ mod tests {
         let long = "é".repeat(LOG_CLIP + 10);
         assert_eq!(clip(&long).chars().count(), LOG_CLIP);
         assert_eq!(clip("short"), "short");
-    }
-
-    #[test]
-    fn rate_limit_holds_back_repeats() {
-        let mut r = RateLimit::new();
-        assert_eq!(r.allow(), Some(0));
-        assert_eq!(r.allow(), None);
-        assert_eq!(r.allow(), None);
-        r.last = Some(Instant::now() - WARN_EVERY);
-        assert_eq!(r.allow(), Some(2));
     }
 }

@@ -3,6 +3,7 @@
 use std::fs::OpenOptions;
 use std::io::IsTerminal;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use simplelog::{
@@ -63,9 +64,15 @@ pub fn escape(bytes: &[u8], max: usize) -> String {
     s
 }
 
+/// Warnings about one kind of client event (resets, timeouts) let through per
+/// window, for the whole process.
+pub const WARN_BURST: u32 = 10;
+/// The window of [`WARN_BURST`].
+pub const WARN_WINDOW: Duration = Duration::from_secs(10);
+
 /// Lets through at most `burst` events per `window`, and says how many it held
-/// back, so a flood of resets or timeouts cannot fill the disk. One per thread and
-/// kind of event: it is not shared, so it needs no lock.
+/// back, so a flood of resets or timeouts cannot fill the disk. Owned by one
+/// thread; [`SharedRateLimit`] is the one all workers use together.
 #[derive(Debug)]
 pub struct RateLimit {
     window: Duration,
@@ -107,7 +114,25 @@ impl RateLimit {
     }
 }
 
-/// Logs a warning through a [`RateLimit`], with a note of what was held back.
+/// A [`RateLimit`] for the whole process, so that the volume of warnings does not
+/// grow with the number of workers. The lock is only taken on the warning path.
+#[derive(Debug)]
+pub struct SharedRateLimit(Mutex<RateLimit>);
+
+impl SharedRateLimit {
+    /// At most `burst` per `window`, across every thread.
+    pub const fn new(burst: u32, window: Duration) -> SharedRateLimit {
+        SharedRateLimit(Mutex::new(RateLimit::new(burst, window)))
+    }
+
+    /// As [`RateLimit::allow`]; the lock is released before anything is logged.
+    pub fn allow(&self, now: Instant) -> Option<u64> {
+        let mut limit = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        limit.allow(now)
+    }
+}
+
+/// Logs a warning through a [`RateLimit`] or [`SharedRateLimit`], with a note of what was held back.
 #[macro_export]
 macro_rules! warn_limited {
     ($limit:expr, $now:expr, $($arg:tt)+) => {

@@ -107,6 +107,65 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 
 // ---------------------------------------------------------------- resets
 
+/// A flood of resets spread over four workers logs at most 10 warnings per 10 s
+/// for the whole process, and the next warning after a quiet window says how many
+/// were suppressed: logged + suppressed accounts for every reset exactly.
+#[test]
+fn a_reset_flood_logs_ten_warnings_per_window_for_all_workers_together() {
+    const FLOOD: usize = 200;
+    // Read framing: the reply has no newline.
+    const ACK_X: &[u8] = b"Server received \"x\"";
+    let server = Server::start(&["--workers", "4"]);
+    let started = Instant::now();
+    for i in 0..FLOOD {
+        let mut c = server.connect();
+        c.write_all(b"x").unwrap();
+        assert_eq!(read_exact_bytes(&mut c, ACK_X.len()), ACK_X, "client {i}");
+        reset(c);
+    }
+    server.wait_metric(&closed("reset"), |v| v == FLOOD as f64);
+    let flood_took = started.elapsed();
+    let lines = |log: &str| -> Vec<String> {
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("connection reset by peer"));
+        lines.map(str::to_owned).collect()
+    };
+    let logged = lines(&server.log()).len();
+    let windows = 1 + flood_took.as_secs() as usize / 10;
+    assert!(
+        (1..=10 * windows).contains(&logged),
+        "{logged} reset warnings for {FLOOD} resets in {flood_took:?} on 4 workers"
+    );
+    // A quiet window later, one more reset is logged with the count held back.
+    std::thread::sleep(Duration::from_millis(10_500));
+    let mut c = server.connect();
+    c.write_all(b"x").unwrap();
+    assert_eq!(read_exact_bytes(&mut c, ACK_X.len()), ACK_X);
+    reset(c);
+    server.wait_metric(&closed("reset"), |v| v == FLOOD as f64 + 1.0);
+    let log = server.wait_log("similar messages suppressed");
+    let lines = lines(&log);
+    let suppressed: usize = lines
+        .iter()
+        .filter_map(|l| {
+            let (_, tail) = l.rsplit_once(" (")?;
+            tail.strip_suffix(" similar messages suppressed)")?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(
+        lines.len() + suppressed,
+        FLOOD + 1,
+        "{} lines + {suppressed} suppressed:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    eprintln!("{FLOOD} resets on 4 workers: {logged} warnings, {suppressed} suppressed");
+    end_case(&server, 0.0);
+}
+
 #[test]
 fn reset_right_after_connect_is_counted() {
     let server = Server::start(&["--workers", "1"]);

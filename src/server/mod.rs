@@ -30,6 +30,7 @@ use mio::{Poll, Waker};
 
 use crate::config::Config;
 use crate::http::{RenderFn, Sidecar, SidecarOptions};
+use crate::logging::{SharedRateLimit, WARN_BURST, WARN_WINDOW};
 use crate::metrics::Metrics;
 
 /// Connections queued for one worker before the acceptor waits for it.
@@ -49,6 +50,10 @@ pub struct Shared {
     per_ip_limit: usize,
     /// Open connections per client address; only used when the limit is set.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// "connection reset by peer" warnings, for all workers together.
+    pub reset_log: SharedRateLimit,
+    /// Idle, write-timeout and protocol-error warnings, for all workers together.
+    pub timeout_log: SharedRateLimit,
 }
 
 impl Shared {
@@ -243,6 +248,8 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
         stopping: AtomicBool::new(false),
         per_ip_limit: config.server.max_connections_per_ip,
         per_ip: Mutex::new(HashMap::new()),
+        reset_log: SharedRateLimit::new(WARN_BURST, WARN_WINDOW),
+        timeout_log: SharedRateLimit::new(WARN_BURST, WARN_WINDOW),
     });
     let ready = Arc::new(AtomicBool::new(true));
 

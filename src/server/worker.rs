@@ -18,7 +18,6 @@ use slab::Slab;
 
 use super::conn::{Conn, Ctx, Limits, Next, ReadHint};
 use super::Shared;
-use crate::logging::RateLimit;
 use crate::metrics::{CloseReason, LocalCounters};
 use crate::warn_limited;
 
@@ -64,8 +63,6 @@ pub struct Worker {
     drain_deadline: Option<Instant>,
     counters: LocalCounters,
     now: Instant,
-    reset_log: RateLimit,
-    timeout_log: RateLimit,
 }
 
 impl Worker {
@@ -99,8 +96,6 @@ impl Worker {
             drain_deadline: None,
             counters: LocalCounters::default(),
             now: Instant::now(),
-            reset_log: RateLimit::new(10, Duration::from_secs(10)),
-            timeout_log: RateLimit::new(10, Duration::from_secs(10)),
         }
     }
 
@@ -309,11 +304,15 @@ impl Worker {
         let peer = conn.peer;
         match reason {
             CloseReason::Reset => {
-                warn_limited!(self.reset_log, self.now, "{peer}: connection reset by peer");
+                warn_limited!(
+                    self.shared.reset_log,
+                    self.now,
+                    "{peer}: connection reset by peer"
+                );
             }
             CloseReason::IdleTimeout | CloseReason::WriteTimeout | CloseReason::ProtocolError => {
                 warn_limited!(
-                    self.timeout_log,
+                    self.shared.timeout_log,
                     self.now,
                     "{peer}: closed, {}",
                     reason.as_str()
