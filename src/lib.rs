@@ -25,6 +25,7 @@
 //!   kept on a short leash so it can never take the main service down.
 //! - [`logging`]: log + simplelog set-up, rate-limited warnings, escaping client
 //!   bytes.
+//! - [`notify`]: systemd readiness (`READY=1`, `STOPPING=1` to `$NOTIFY_SOCKET`).
 //! - [`client`]: `sockpool client`, the tutorial's interactive client done right.
 //! - [`mod@bench`]: `sockpool bench`, the load generator.
 //!
@@ -50,5 +51,6 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod protocol;
 pub mod server;

@@ -8,6 +8,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use sockpool::config::{Config, ServeFlags, DEFAULT_CONFIG_FILE};
+use sockpool::notify::Notifier;
 use sockpool::{bench, client, config, logging, server};
 
 /// Exit code for usage and config errors (nothing was bound).
@@ -105,6 +106,12 @@ fn serve(flags: &ServeFlags) -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
+    // Both listeners are bound and every thread runs: tell systemd (Type=notify).
+    let notifier = Notifier::from_env();
+    notifier.notify(&format!(
+        "READY=1\nSTATUS=serving on {}",
+        running.local_addr()
+    ));
     let trigger = running.trigger();
     let signals_handle = signals.handle();
     let grace = config::format_duration(config.shutdown.grace);
@@ -126,6 +133,7 @@ fn serve(flags: &ServeFlags) -> ExitCode {
                     log::info!(
                         "{name} received: stopping (grace {grace}; a second signal exits at once)"
                     );
+                    notifier.notify("STOPPING=1\nSTATUS=draining connections");
                     trigger.fire();
                 } else {
                     log::warn!("{name} received again: exiting now");

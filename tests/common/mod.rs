@@ -110,9 +110,24 @@ impl Server {
         }
     }
 
+    /// Like [`Server::start`], with extra environment variables for the server.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Server {
+        match Server::spawn(args, env) {
+            Ok(s) => s,
+            Err((status, log)) => panic!("sockpool did not start ({status:?}):\n{log}"),
+        }
+    }
+
     /// Like [`Server::start`], but returns the exit status and log if it fails.
-    #[allow(clippy::zombie_processes)] // every path waits: Drop, or wait_child on failure
     pub fn try_start(args: &[&str]) -> Result<Server, (Option<ExitStatus>, String)> {
+        Server::spawn(args, &[])
+    }
+
+    #[allow(clippy::zombie_processes)] // every path waits: Drop, or wait_child on failure
+    fn spawn(
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Server, (Option<ExitStatus>, String)> {
         let mut full: Vec<&str> = vec!["serve"];
         let has = |flag: &str| args.contains(&flag);
         if !has("--listen") && !has("--config") {
@@ -124,6 +139,7 @@ impl Server {
         full.extend_from_slice(args);
         let mut child = Command::new(bin())
             .args(&full)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
