@@ -1,9 +1,11 @@
 //! The accept thread: accept, apply the limits, pick a worker, hand off, wake it.
 //!
 //! Like memcached's dispatcher: the least-loaded worker gets the connection
-//! (round-robin among equals), it travels over that worker's bounded channel, and
-//! the worker is woken once per accept batch, not once per connection. Accept
-//! errors such as EMFILE back off exponentially instead of spinning.
+//! (round-robin among equals) and it travels over that worker's bounded channel.
+//! A worker asleep in epoll is woken once per accept batch, not once per
+//! connection; a running one is not woken at all, as it reads its queue at the
+//! end of every loop turn (see `worker::Doorbell`). Accept errors such as EMFILE
+//! back off exponentially instead of spinning.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -13,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token};
 
-use super::worker::Handoff;
+use super::worker::{Doorbell, Handoff};
 use super::Shared;
 use crate::logging::RateLimit;
 use crate::metrics::RejectReason;
@@ -34,7 +36,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// The acceptor's end of one worker.
 pub struct WorkerLink {
     pub tx: Sender<Handoff>,
-    pub waker: Arc<Waker>,
+    pub doorbell: Arc<Doorbell>,
 }
 
 /// The accept thread's state.
@@ -102,7 +104,7 @@ impl Acceptor {
         log::info!("stopped accepting; draining connections");
         for w in workers {
             drop(w.tx);
-            let _ = w.waker.wake();
+            let _ = w.doorbell.wake();
         }
     }
 
@@ -144,7 +146,7 @@ impl Acceptor {
     fn wake_workers(&mut self) {
         for (i, flag) in self.to_wake.iter_mut().enumerate() {
             if std::mem::take(flag) {
-                if let Err(e) = self.workers[i].waker.wake() {
+                if let Err(e) = self.workers[i].doorbell.ring() {
                     log::error!("acceptor: cannot wake worker-{i}: {e}");
                 }
             }

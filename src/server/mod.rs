@@ -267,10 +267,10 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
     let mut workers = Vec::with_capacity(n_workers);
     for id in 0..n_workers {
         let poll = Poll::new().map_err(io_err("worker poll"))?;
-        let waker =
-            Arc::new(Waker::new(poll.registry(), worker::WAKER).map_err(io_err("worker waker"))?);
+        let waker = Waker::new(poll.registry(), worker::WAKER).map_err(io_err("worker waker"))?;
+        let doorbell = Arc::new(worker::Doorbell::new(waker));
         let (tx, rx) = crossbeam_channel::bounded(HANDOFF_QUEUE);
-        let w = worker::Worker::new(id, poll, waker.clone(), rx, shared.clone(), config);
+        let w = worker::Worker::new(id, poll, doorbell.clone(), rx, shared.clone(), config);
         match spawn(format!("worker-{id}"), move || w.run()) {
             Ok(handle) => workers.push(handle),
             Err(e) => {
@@ -280,7 +280,7 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
                 return Err(e);
             }
         }
-        links.push(acceptor::WorkerLink { tx, waker });
+        links.push(acceptor::WorkerLink { tx, doorbell });
     }
 
     let acc = acceptor::Acceptor::new(

@@ -9,6 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,13 +38,59 @@ pub struct Handoff {
 }
 
 /// A worker and everything it owns.
+/// How the acceptor wakes a worker: a mio `Waker` (an eventfd write), rung only
+/// when the worker sleeps in epoll or is about to. A worker that is running
+/// takes new connections at the end of its loop turn anyway, so waking it would
+/// cost a syscall on each side for nothing.
+pub struct Doorbell {
+    waker: mio::Waker,
+    parked: AtomicBool,
+}
+
+impl Doorbell {
+    pub fn new(waker: mio::Waker) -> Doorbell {
+        Doorbell {
+            waker,
+            parked: AtomicBool::new(false),
+        }
+    }
+
+    /// The acceptor, after queueing connections: wakes the worker if it sleeps.
+    pub fn ring(&self) -> std::io::Result<()> {
+        // With the fence in `park`, this orders the queue push before the load of
+        // `parked`: either the worker sees the connection when it looks at its
+        // queue after parking, or this sees it parked (both fences are SeqCst).
+        fence(Ordering::SeqCst);
+        if self.parked.swap(false, Ordering::SeqCst) {
+            self.waker.wake()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Wakes the worker whatever it is doing (shutdown).
+    pub fn wake(&self) -> std::io::Result<()> {
+        self.waker.wake()
+    }
+
+    /// The worker, before it looks at its queue one last time and sleeps.
+    fn park(&self) {
+        self.parked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    fn unpark(&self) {
+        self.parked.store(false, Ordering::Relaxed);
+    }
+}
+
 pub struct Worker {
     id: usize,
     poll: Poll,
     /// Kept here as well as in the acceptor: closing the eventfd (dropping the
     /// last `Waker`) would remove a wake-up already queued in epoll, and the
     /// acceptor drops its copy right after the final wake.
-    _waker: Arc<mio::Waker>,
+    doorbell: Arc<Doorbell>,
     rx: Receiver<Handoff>,
     conns: Slab<Conn>,
     buf: Box<[u8]>,
@@ -69,7 +116,7 @@ impl Worker {
     pub fn new(
         id: usize,
         poll: Poll,
-        waker: Arc<mio::Waker>,
+        doorbell: Arc<Doorbell>,
         rx: Receiver<Handoff>,
         shared: Arc<Shared>,
         config: &crate::config::Config,
@@ -77,7 +124,7 @@ impl Worker {
         Worker {
             id,
             poll,
-            _waker: waker,
+            doorbell,
             rx,
             conns: Slab::new(),
             buf: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
@@ -103,8 +150,17 @@ impl Worker {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
         loop {
-            let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            let mut timeout = self.poll_timeout();
+            if timeout != Some(Duration::ZERO) {
+                self.doorbell.park();
+                // A connection queued before `park` came without a wake-up.
+                if !self.rx.is_empty() {
+                    timeout = Some(Duration::ZERO);
+                }
+            }
+            let polled = self.poll.poll(&mut events, timeout);
+            self.doorbell.unpark();
+            if let Err(e) = polled {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     log::error!(
                         "worker-{}: poll failed: {e}; closing its connections",
@@ -118,7 +174,8 @@ impl Worker {
             self.now = started;
             for event in events.iter() {
                 match event.token() {
-                    WAKER => self.take_handoffs(),
+                    // The wake-up only ended the sleep; the queue is read below.
+                    WAKER => {}
                     Token(key) => {
                         let hint = if event.is_read_closed() || event.is_error() {
                             ReadHint::Closed
@@ -131,6 +188,8 @@ impl Worker {
                     }
                 }
             }
+            // Every turn, woken or not: the acceptor rings only a parked worker.
+            self.take_handoffs();
             for (key, generation) in std::mem::take(&mut self.again) {
                 if self
                     .conns
