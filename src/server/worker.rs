@@ -391,3 +391,72 @@ impl Worker {
         drop(conn);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parking protocol loses no wake-up: a consumer that sleeps in epoll with
+    /// no timeout (as a worker with no timers does) sees the last connection of
+    /// every burst, pushed while it was busy or asleep. The producer waits for each
+    /// burst to be taken, so a lost wake-up leaves both stuck and the wait fails.
+    #[test]
+    fn doorbell_loses_no_wake_up() {
+        const BURSTS: u32 = 20_000;
+        let mut poll = Poll::new().unwrap();
+        let doorbell = Arc::new(Doorbell::new(
+            mio::Waker::new(poll.registry(), WAKER).unwrap(),
+        ));
+        let (tx, rx) = crossbeam_channel::bounded::<u32>(64);
+        let (taken_tx, taken_rx) = crossbeam_channel::unbounded();
+        let bell = doorbell.clone();
+        let consumer = std::thread::spawn(move || {
+            let mut events = Events::with_capacity(8);
+            let mut next = 0;
+            loop {
+                bell.park();
+                let timeout = if rx.is_empty() {
+                    None
+                } else {
+                    Some(Duration::ZERO)
+                };
+                poll.poll(&mut events, timeout).unwrap();
+                bell.unpark();
+                loop {
+                    match rx.try_recv() {
+                        Ok(item) => {
+                            assert_eq!(item, next);
+                            next += 1;
+                            taken_tx.send(item).unwrap();
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return,
+                    }
+                }
+                // The rest of a worker's loop turn (timers, metrics): the window in
+                // which a push finds the consumer running and does not wake it.
+                for _ in 0..(next % 7) * 100 {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let mut item = 0;
+        for burst in 0..BURSTS {
+            for _ in 0..=burst % 3 {
+                tx.send(item).unwrap();
+                doorbell.ring().unwrap();
+                item += 1;
+            }
+            loop {
+                match taken_rx.recv_timeout(Duration::from_secs(20)) {
+                    Ok(taken) if taken == item - 1 => break,
+                    Ok(_) => {}
+                    Err(_) => panic!("burst {burst}: its last item was never taken"),
+                }
+            }
+        }
+        drop(tx);
+        doorbell.wake().unwrap();
+        consumer.join().unwrap();
+    }
+}
