@@ -14,7 +14,8 @@
 //!   fuzz-tested.
 //! - [`server`]: `start(config)` binds and spawns everything; shutdown ordering.
 //!   - `server::acceptor`: the accept thread: limits, least-loaded worker, hand-off
-//!     over a bounded crossbeam channel, batched wake-ups, accept-error back-off.
+//!     over a bounded crossbeam channel, wake-ups only for parked workers (batched),
+//!     accept-error back-off.
 //!   - `server::worker`: one worker thread: its mio `Poll`, its connections, their
 //!     timers, the read buffer they share.
 //!   - [`server::conn`]: one connection: bytes owed, flow control, deadlines, how
