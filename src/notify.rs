@@ -37,11 +37,6 @@ impl Notifier {
         Notifier { target }
     }
 
-    /// Whether notifications are being sent.
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
-    }
-
     /// Sends `state` (for example `READY=1\nSTATUS=...`), logging a failure.
     pub fn notify(&self, state: &str) {
         let Some(addr) = &self.target else {

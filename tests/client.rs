@@ -10,14 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Instant;
 
-use common::{Server, WAIT};
-
-/// Kills a child by pid; used when a wait for it has timed out.
-fn kill(pid: u32) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-    }
-}
+use common::{kill, output_within, run_with_input, Server, WAIT};
 
 fn spawn_client(addr: &str) -> Child {
     Command::new(common::bin())
@@ -29,34 +22,11 @@ fn spawn_client(addr: &str) -> Child {
         .expect("spawn sockpool client")
 }
 
-/// Waits (bounded) for the child to exit and collects its output.
-fn finish(child: Child) -> Output {
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(WAIT) {
-        Ok(out) => out.expect("client output"),
-        Err(_) => {
-            kill(pid);
-            panic!("sockpool client did not exit within {WAIT:?}");
-        }
-    }
-}
-
 /// Runs `sockpool client --addr ADDR` with `input` on its stdin, then EOF.
 fn client(addr: &str, input: &[u8]) -> Output {
-    let mut child = spawn_client(addr);
-    let mut stdin = child.stdin.take().expect("stdin");
-    let input = input.to_vec();
-    // A separate writer: a big input must not block us while the client's
-    // replies fill its stdout pipe.
-    thread::spawn(move || {
-        // The client may quit (empty line) before reading all of it.
-        let _ = stdin.write_all(&input);
-    });
-    finish(child)
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["client", "--addr", addr]);
+    run_with_input(&mut cmd, input, "sockpool client")
 }
 
 fn stderr(out: &Output) -> String {
@@ -252,7 +222,7 @@ fn server_killed_mid_session_is_an_error() {
     // (The write may also fail if the client already quit: fine either way.)
     let _ = stdin.write_all(b"two\n");
     drop(stdin);
-    let out = finish(child);
+    let out = output_within(child, "sockpool client");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(
         stdout.try_iter().all(|chunk| chunk.is_empty()),
@@ -304,20 +274,11 @@ fn tutorial_python_client_works_against_default_server() {
     }
     let server = Server::start(&["--mode", "ack", "--framing", "read"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tutorial_client.py");
-    let mut child = Command::new("python3")
-        .args([script, "127.0.0.1", &server.addr.port().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn python3");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all("hello\nHello, World!\nwörld\n\n".as_bytes())
-        .expect("write stdin");
-    let out = finish(child);
+    let out = run_with_input(
+        Command::new("python3").args([script, "127.0.0.1", &server.addr.port().to_string()]),
+        "hello\nHello, World!\nwörld\n\n".as_bytes(),
+        "the tutorial's client",
+    );
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
     // `input()` prints its prompt with no newline; `print` adds one per reply.

@@ -785,20 +785,11 @@ fn check_alerts(prom: &Prometheus) {
 fn check_promtool(server: &Server, prom: &Prometheus) {
     // `promtool check metrics` lints the live exposition format (names, types, help).
     let scrape = server.scrape();
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start promtool");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(scrape.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool check metrics");
+    let out = common::run_with_input(
+        Command::new("promtool").args(["check", "metrics"]),
+        scrape.as_bytes(),
+        "promtool check metrics",
+    );
     assert_success(
         &format!("promtool check metrics on a live scrape:\n{scrape}\n"),
         &out,

@@ -65,24 +65,59 @@ pub fn assert_success(what: &str, out: &Output) {
     );
 }
 
+/// Kills a child by pid; used when a wait for it has timed out.
+pub fn kill(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// Waits (bounded) for a child with piped output to exit and collects that
+/// output; on timeout kills it and fails, naming `what`.
+pub fn output_within(child: Child, what: &str) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{what}: {e}")),
+        Err(_) => {
+            kill(pid);
+            panic!("{what} did not exit within {WAIT:?}");
+        }
+    }
+}
+
+/// Runs `cmd` with `input` on its stdin, then EOF, and returns its output
+/// (bounded, see [`output_within`]).
+pub fn run_with_input(cmd: &mut Command, input: &[u8], what: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    // A separate writer: a big input must not block us while the child's output
+    // fills its pipe. The child may exit before reading all of it.
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    output_within(child, what)
+}
+
 /// Runs `sockpool ARGS` to completion (with a time bound) and returns its output.
 pub fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn sockpool");
-    let deadline = Instant::now() + WAIT;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("sockpool {args:?} did not exit within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("output")
+    output_within(child, &format!("sockpool {args:?}"))
 }
 
 /// The server's stderr, collected line by line.
