@@ -37,7 +37,6 @@ pub struct Handoff {
     pub peer: SocketAddr,
 }
 
-/// A worker and everything it owns.
 /// How the acceptor wakes a worker: a mio `Waker` (an eventfd write), rung only
 /// when the worker sleeps in epoll or is about to. A worker that is running
 /// takes new connections at the end of its loop turn anyway, so waking it would
@@ -84,6 +83,7 @@ impl Doorbell {
     }
 }
 
+/// A worker and everything it owns.
 pub struct Worker {
     id: usize,
     poll: Poll,
