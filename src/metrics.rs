@@ -6,9 +6,9 @@
 //! and publish them once per event-loop turn, so a scrape is current to within one
 //! loop turn (well under a second) and the hot path touches no shared cache line.
 //! The acceptor's counters are written by the acceptor alone. `active` is the one
-//! value written by several threads (the acceptor adds, workers subtract), so it
-//! is a true atomic read-modify-write; it changes once per connection, not per
-//! message.
+//! value written by several threads (admission adds, a dropped permit subtracts),
+//! so it is a true atomic read-modify-write; it changes once per connection, not
+//! per message. It only reports: the limits are enforced by `server::admission`.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -169,9 +169,9 @@ pub struct Metrics {
     rejected: [AtomicU64; RejectReason::ALL.len()],
     accept_errors: AtomicU64,
     accept_resets: AtomicU64,
-    /// Open connections: the acceptor adds one before handing off, the owning
-    /// worker subtracts one when it closes. Also the `max_connections` check.
-    pub active: AtomicUsize,
+    /// Open connections, as reported: moved by `server::admission` when a permit
+    /// is taken and when it is dropped. Not read for any decision.
+    active: AtomicUsize,
     max_connections: AtomicUsize,
     workers: Box<[WorkerStats]>,
 }
@@ -204,6 +204,16 @@ impl Metrics {
     /// Acceptor only: a connection was handed to a worker.
     pub fn accepted(&self) {
         bump(&self.accepted, 1);
+    }
+
+    /// Admission: a connection was admitted (its permit taken).
+    pub fn connection_admitted(&self) {
+        self.active.fetch_add(1, Relaxed);
+    }
+
+    /// Admission: a connection's permit was dropped (closed, or never handed off).
+    pub fn connection_released(&self) {
+        self.active.fetch_sub(1, Relaxed);
     }
 
     /// Acceptor only: a connection was refused.

@@ -2,8 +2,15 @@
 //!
 //! Nothing here knows about sockets, threads, clocks or metrics, so every line of it
 //! can be unit-tested, property-tested and fuzzed on plain slices. The worker feeds
-//! each read's bytes to [`Decoder::feed`], sends whatever was appended to `out`, and
-//! calls [`Decoder::finish`] when the client has half-closed.
+//! each read's bytes to [`Decoder::feed_bounded`] with the room left in the
+//! connection's reply queue, sends whatever was appended to `out`, keeps the input
+//! that was not consumed for later, and calls [`Decoder::finish`] when the client
+//! has half-closed.
+//!
+//! A reply can be much bigger than its request (19 bytes of ack for one `\n`), so
+//! the room bounds the output, not the input: line framing stops decoding once the
+//! replies of this call reach the room, leaving the rest of the input unconsumed.
+//! Feeding that rest later gives exactly the replies one unbounded call would have.
 //!
 //! "Need more bytes" is not an error: a partial line simply stays in the decoder.
 //! The only error is a line over the limit, after which the decoder refuses all
@@ -14,6 +21,10 @@ const ACK_PREFIX: &[u8] = b"Server received \"";
 
 /// Sent, in line framing, for a line longer than `max_line_bytes`.
 pub const LINE_TOO_LONG: &[u8] = b"ERROR line too long\n";
+
+/// Bytes an ack adds to the message it quotes: the prefix, the closing `"` and
+/// the `\n`. A line framing reply is at most `max_line_bytes + ACK_OVERHEAD`.
+pub const ACK_OVERHEAD: usize = ACK_PREFIX.len() + 2;
 
 /// What the server does with the bytes it receives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +43,9 @@ pub enum Codec {
 /// What one [`Decoder::feed`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Fed {
+    /// Input bytes taken (decoded, or held as part of an unfinished line). The
+    /// rest must be fed again later, first. All of it after an error.
+    pub consumed: usize,
     /// Messages answered (replies appended to `out`).
     pub messages: u64,
     /// A line went over `max_line_bytes`: `out` ends with [`LINE_TOO_LONG`] and
@@ -96,17 +110,34 @@ impl Decoder {
         self.partial.capacity()
     }
 
-    /// Feeds the bytes of one read. Replies are appended to `out`. After an error,
-    /// `out` ends with [`LINE_TOO_LONG`] (after the replies to any earlier complete
-    /// lines) and all later input is ignored.
+    /// Feeds the bytes of one read, all of them. Replies are appended to `out`.
+    /// After an error, `out` ends with [`LINE_TOO_LONG`] (after the replies to any
+    /// earlier complete lines) and all later input is ignored.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Fed {
+        self.feed_bounded(input, out, usize::MAX)
+    }
+
+    /// Like [`Decoder::feed`], but appends replies only while fewer than `room`
+    /// bytes were appended in this call, and says how much input it took.
+    ///
+    /// - `room == 0`: nothing is consumed (unless the decoder has failed).
+    /// - Read framing and echo take the whole input: one read is one message (the
+    ///   caller bounds the read instead). Their output is the input, or the input
+    ///   plus [`ACK_OVERHEAD`].
+    /// - Line framing stops after the reply that reaches `room`: its output is
+    ///   under `room` plus one reply (at most `max_line_bytes + ACK_OVERHEAD`, or
+    ///   [`LINE_TOO_LONG`]), and whenever it leaves input unconsumed its output is
+    ///   at least `room`. It stops only right after a `\n`, so feeding the rest
+    ///   later continues the same reply stream.
+    pub fn feed_bounded(&mut self, input: &[u8], out: &mut Vec<u8>, room: usize) -> Fed {
         if self.failed {
             return Fed {
+                consumed: input.len(),
                 messages: 0,
                 error: Some(LineTooLong),
             };
         }
-        if input.is_empty() {
+        if input.is_empty() || room == 0 {
             return Fed::default();
         }
         let messages = match self.codec {
@@ -120,19 +151,29 @@ impl Decoder {
                 1
             }
             Codec::AckLine { max_line_bytes } => {
-                return self.feed_lines(input, max_line_bytes, out)
+                return self.feed_lines(input, max_line_bytes, out, room)
             }
         };
         Fed {
+            consumed: input.len(),
             messages,
             error: None,
         }
     }
 
-    fn feed_lines(&mut self, input: &[u8], max: usize, out: &mut Vec<u8>) -> Fed {
+    fn feed_lines(&mut self, input: &[u8], max: usize, out: &mut Vec<u8>, room: usize) -> Fed {
         let mut messages = 0;
         let mut rest = input;
+        let start = out.len();
         while let Some(i) = memchr::memchr(b'\n', rest) {
+            if out.len() - start >= room {
+                // The queue is full: the rest waits, starting at a line boundary.
+                return Fed {
+                    consumed: input.len() - rest.len(),
+                    messages,
+                    error: None,
+                };
+            }
             let segment = &rest[..i];
             rest = &rest[i + 1..];
             let line: &[u8] = if self.partial.is_empty() {
@@ -143,7 +184,7 @@ impl Decoder {
             };
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.len() > max {
-                return self.fail(out, messages);
+                return self.fail(out, messages, input.len());
             }
             push_ack(out, line, true);
             messages += 1;
@@ -153,10 +194,11 @@ impl Decoder {
         // than the limit is allowed only if it is a `\r` that a `\n` may follow.
         let held = self.partial.len() + rest.len();
         if held > max + 1 || (held == max + 1 && rest.last().copied() != Some(b'\r')) {
-            return self.fail(out, messages);
+            return self.fail(out, messages, input.len());
         }
         self.partial.extend_from_slice(rest);
         Fed {
+            consumed: input.len(),
             messages,
             error: None,
         }
@@ -174,7 +216,7 @@ impl Decoder {
         }
         if let Codec::AckLine { max_line_bytes } = self.codec {
             if self.partial.len() > max_line_bytes {
-                self.fail(out, 0);
+                self.fail(out, 0, 0);
                 return 0;
             }
         }
@@ -183,11 +225,12 @@ impl Decoder {
         1
     }
 
-    fn fail(&mut self, out: &mut Vec<u8>, messages: u64) -> Fed {
+    fn fail(&mut self, out: &mut Vec<u8>, messages: u64, consumed: usize) -> Fed {
         self.failed = true;
         self.partial = Vec::new();
         out.extend_from_slice(LINE_TOO_LONG);
         Fed {
+            consumed,
             messages,
             error: Some(LineTooLong),
         }

@@ -47,7 +47,6 @@ pub struct Acceptor {
     /// Dropped when the acceptor exits: each worker then sees `Disconnected`.
     pub workers: Vec<WorkerLink>,
     pub shared: Arc<Shared>,
-    pub max_connections: usize,
     pub busy_message: Vec<u8>,
     next: usize,
     backoff: Option<Duration>,
@@ -61,7 +60,6 @@ impl Acceptor {
         mut listener: TcpListener,
         workers: Vec<WorkerLink>,
         shared: Arc<Shared>,
-        max_connections: usize,
         busy_message: Vec<u8>,
     ) -> io::Result<Acceptor> {
         poll.registry()
@@ -72,7 +70,6 @@ impl Acceptor {
             listener,
             workers,
             shared,
-            max_connections,
             busy_message,
             next: 0,
             backoff: None,
@@ -158,15 +155,16 @@ impl Acceptor {
         if shared.stopping.load(Ordering::Acquire) {
             return self.reject(stream, peer, RejectReason::ShuttingDown);
         }
-        if shared.metrics.active.load(Ordering::Relaxed) >= self.max_connections {
-            return self.reject(stream, peer, RejectReason::MaxConnections);
-        }
-        if !shared.acquire(peer) {
-            return self.reject(stream, peer, RejectReason::PerIpLimit);
-        }
-        shared.metrics.active.fetch_add(1, Ordering::Relaxed);
+        let permit = match shared.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(reason) => return self.reject(stream, peer, reason),
+        };
         let first = self.pick_worker();
-        let mut handoff = Handoff { stream, peer };
+        let mut handoff = Handoff {
+            stream,
+            peer,
+            permit,
+        };
         // Try the chosen worker, then the others; if every queue is full, wait on
         // the chosen one: that is backpressure into the kernel's backlog.
         for k in 0..self.workers.len() {
@@ -179,10 +177,8 @@ impl Acceptor {
         self.wake_workers();
         match self.workers[first].tx.send(handoff) {
             Ok(()) => self.handed(first),
-            Err(lost) => {
-                log::error!("{}: worker-{first} is gone; closing", lost.0.peer);
-                shared.release(lost.0.peer);
-            }
+            // Dropping the hand-off closes the socket and releases its permit.
+            Err(lost) => log::error!("{}: worker-{first} is gone; closing", lost.0.peer),
         }
     }
 

@@ -1,8 +1,33 @@
 //! One connection's state: the decoder, the bytes owed, deadlines, and how it ends.
 //!
 //! Reads land in the worker's shared buffer; a connection keeps only what it owes
-//! (a partial line in its decoder, replies not yet written), so an idle connection
+//! (a partial line in its decoder, replies not yet written) and, when its queue
+//! filled up in the middle of a read, the rest of that read, so an idle connection
 //! costs the size of this struct plus its slab slot.
+//!
+//! # Memory per connection
+//!
+//! `max_pending_write_bytes` bounds memory in every mode, whatever the replies
+//! cost per input byte (19 bytes of ack for a bare `\n`):
+//!
+//! - a read asks for at most the room left in the queue
+//!   (`max_pending_write_bytes - owed`);
+//! - the decoder answers lines only while the replies it made in this call are
+//!   fewer bytes than that room, so the queue ends at most one reply past
+//!   `max_pending_write_bytes` (a reply is at most `max_line_bytes + 19` bytes);
+//! - the input it did not decode is kept in `held` (never more than one read, so
+//!   never more than `max_pending_write_bytes`) and decoded first once the client
+//!   has read enough; the rest stays in the kernel, which stops the sender.
+//!
+//! So owed bytes stay under `max_pending_write_bytes` plus one reply, and the kept
+//! input under `max_pending_write_bytes`.
+//!
+//! # Timeouts
+//!
+//! `idle_timeout` closes a connection on which nothing was read and no byte was
+//! written for that long, whether or not bytes are owed; `write_timeout` closes
+//! one that has bytes owed and made no write progress for that long. Each is off
+//! at 0 and neither turns the other off: with bytes owed, whichever comes first.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -10,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
+use super::admission::Permit;
 use crate::metrics::{CloseReason, LocalCounters};
 use crate::protocol::{Codec, Decoder};
 
@@ -25,8 +51,8 @@ pub const CLOSE_DRAIN_TIME: Duration = Duration::from_secs(2);
 /// ... and at most this many bytes are read and dropped.
 pub const CLOSE_DRAIN_BYTES: usize = 1 << 20;
 
-/// A reply buffer that grew past this is freed once empty, so a connection that
-/// once had a burst does not keep the memory while idle.
+/// A reply (or kept-input) buffer that grew past this is freed once empty, so a
+/// connection that once had a burst does not keep the memory while idle.
 const KEEP_OUT_CAPACITY: usize = 16 * 1024;
 
 /// Per-pool settings a connection needs.
@@ -94,12 +120,19 @@ pub struct Conn {
     pub opened: Instant,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Its admission; dropped (released) with the connection.
+    _permit: Permit,
     decoder: Decoder,
+    /// Input read but not decoded yet: the replies to the first part of a read
+    /// filled the queue. Decoded before anything more is read. At most one read,
+    /// so at most `max_pending_write_bytes` (see the module docs).
+    held: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
     state: State,
     write_shut: bool,
-    /// Stopped reading because `max_pending_write_bytes` are owed.
+    /// Stopped reading (and decoding `held`) because `max_pending_write_bytes`
+    /// are owed.
     paused: bool,
     last_read: Instant,
     /// When bytes last left, or when bytes became owed after none were.
@@ -111,6 +144,7 @@ impl Conn {
     pub fn new(
         stream: TcpStream,
         peer: SocketAddr,
+        permit: Permit,
         generation: u64,
         codec: Codec,
         now: Instant,
@@ -118,6 +152,8 @@ impl Conn {
         Conn {
             stream,
             peer,
+            _permit: permit,
+            held: Vec::new(),
             generation,
             timer_at: None,
             opened: now,
@@ -179,15 +215,40 @@ impl Conn {
         }
     }
 
-    /// Reads up to [`READ_BUDGET`] times. With `stop_short`, a short read ends the
-    /// turn (see below); otherwise reading goes on until EAGAIN or EOF.
+    /// Input read but not yet decoded (bytes).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Reads up to [`READ_BUDGET`] times (decoding kept input first). With
+    /// `stop_short`, a short read ends the turn (see below); otherwise reading goes
+    /// on until EAGAIN, EOF, or a full queue.
     fn read_some(&mut self, ctx: &mut Ctx<'_>, stop_short: bool) -> Next {
         for _ in 0..READ_BUDGET {
-            if self.owed() >= ctx.limits.max_pending_write_bytes {
+            let room = ctx
+                .limits
+                .max_pending_write_bytes
+                .saturating_sub(self.owed());
+            if room == 0 {
                 self.paused = true;
                 return Next::Wait;
             }
-            let n = match self.stream.read(ctx.buf) {
+            if !self.held.is_empty() {
+                let mut held = std::mem::take(&mut self.held);
+                match self.answer(&held, room, ctx) {
+                    Ok(consumed) => held.drain(..consumed),
+                    Err(next) => return next,
+                };
+                if held.is_empty() && held.capacity() > KEEP_OUT_CAPACITY {
+                    held = Vec::new();
+                }
+                self.held = held;
+                continue;
+            }
+            // Never read more than the queue has room for: an echo owes what it
+            // reads, and an ack owes more, so this is what bounds the input kept.
+            let want = room.min(ctx.buf.len());
+            let n = match self.stream.read(&mut ctx.buf[..want]) {
                 Ok(0) => {
                     self.state = State::ReadClosed;
                     ctx.scratch.clear();
@@ -210,36 +271,16 @@ impl Conn {
             self.bytes_in += n as u64;
             ctx.counters.received_bytes += n as u64;
             self.last_read = ctx.now;
-            let sent = if ctx.limits.codec == Codec::Echo {
-                // Echo straight from the read buffer: no copy unless the client
-                // is slower than we are.
-                ctx.counters.messages += 1;
-                let input = std::mem::take(&mut ctx.buf);
-                let r = self.send(&input[..n], ctx);
-                ctx.buf = input;
-                r
-            } else {
-                ctx.scratch.clear();
-                let fed = self.decoder.feed(&ctx.buf[..n], ctx.scratch);
-                let replies = std::mem::take(ctx.scratch);
-                let r = self.send(&replies, ctx);
-                *ctx.scratch = replies;
-                ctx.counters.messages += fed.messages;
-                if fed.error.is_some() {
-                    log::debug!(
-                        "{}: line longer than max_line_bytes; the read began {}",
-                        self.peer,
-                        crate::logging::escape(&ctx.buf[..n], 48)
-                    );
-                    self.state = State::Closing { since: ctx.now };
-                    return r.map_or_else(Next::Close, |_| Next::Wait);
-                }
-                r
-            };
-            if let Err(reason) = sent {
-                return Next::Close(reason);
+            let input = std::mem::take(&mut ctx.buf);
+            let answered = self.answer(&input[..n], room, ctx);
+            if let Ok(consumed) = answered {
+                self.held.extend_from_slice(&input[consumed..n]);
             }
-            if stop_short && n < ctx.buf.len() {
+            ctx.buf = input;
+            if let Err(next) = answered {
+                return next;
+            }
+            if stop_short && n < want {
                 // A short read emptied the socket buffer. On Linux, epoll's edge
                 // trigger fires again for any byte or FIN that arrives after this
                 // read, so we can skip the read that would only say EAGAIN. (A FIN
@@ -248,6 +289,38 @@ impl Conn {
             }
         }
         Next::Again
+    }
+
+    /// Answers `input` with at most about `room` bytes of replies (see the module
+    /// docs) and sends them. Returns how much of `input` was decoded, or what the
+    /// worker must do now (close, or wait while a protocol error is flushed).
+    fn answer(&mut self, input: &[u8], room: usize, ctx: &mut Ctx<'_>) -> Result<usize, Next> {
+        if ctx.limits.codec == Codec::Echo {
+            // Echo straight from the input: no copy unless the client is slower
+            // than we are. The read was no bigger than `room`.
+            ctx.counters.messages += 1;
+            return self
+                .send(input, ctx)
+                .map(|_| input.len())
+                .map_err(Next::Close);
+        }
+        ctx.scratch.clear();
+        let fed = self.decoder.feed_bounded(input, ctx.scratch, room);
+        let replies = std::mem::take(ctx.scratch);
+        let sent = self.send(&replies, ctx);
+        *ctx.scratch = replies;
+        ctx.counters.messages += fed.messages;
+        if fed.error.is_some() {
+            log::debug!(
+                "{}: line longer than max_line_bytes; the input began {}",
+                self.peer,
+                crate::logging::escape(input, 48)
+            );
+            self.held = Vec::new();
+            self.state = State::Closing { since: ctx.now };
+            return Err(sent.map_or_else(Next::Close, |_| Next::Wait));
+        }
+        sent.map(|_| fed.consumed).map_err(Next::Close)
     }
 
     /// After a protocol error: read and drop input until EOF, a bound, or nothing.
@@ -333,19 +406,30 @@ impl Conn {
     }
 
     /// When this connection must be closed if nothing happens, and why.
+    ///
+    /// Idle: nothing read and nothing written for `idle_timeout`, owed bytes or
+    /// not (a client that neither reads nor sends is idle). Write: bytes owed and
+    /// no write progress for `write_timeout`. With both, the earlier one; either
+    /// may be off (0) without turning the other off.
     pub fn deadline(&self, limits: &Limits) -> Option<(Instant, CloseReason)> {
         if let State::Closing { since } = self.state {
             return Some((since + CLOSE_DRAIN_TIME, CloseReason::ProtocolError));
         }
-        if self.owed() > 0 {
-            return limits
-                .write_timeout
-                .map(|t| (self.last_write + t, CloseReason::WriteTimeout));
-        }
         let quiet_since = self.last_read.max(self.last_write);
-        limits
+        let idle = limits
             .idle_timeout
-            .map(|t| (quiet_since + t, CloseReason::IdleTimeout))
+            .map(|t| (quiet_since + t, CloseReason::IdleTimeout));
+        if self.owed() == 0 {
+            return idle;
+        }
+        let write = limits
+            .write_timeout
+            .map(|t| (self.last_write + t, CloseReason::WriteTimeout));
+        match (write, idle) {
+            // On a tie the write timeout names it: bytes were owed.
+            (Some(w), Some(i)) => Some(if i.0 < w.0 { i } else { w }),
+            (w, i) => w.or(i),
+        }
     }
 }
 

@@ -15,15 +15,15 @@
 //! [`Running::wait`] joins them all and then stops the sidecar.
 
 mod acceptor;
+pub mod admission;
 pub mod conn;
 mod worker;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use mio::{Poll, Waker};
@@ -47,44 +47,12 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Set by [`Trigger::fire`]: the acceptor stops.
     pub stopping: AtomicBool,
-    per_ip_limit: usize,
-    /// Open connections per client address; only used when the limit is set.
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// The connection limits; the acceptor takes a permit from it per connection.
+    pub admission: Arc<admission::Admission>,
     /// "connection reset by peer" warnings, for all workers together.
     pub reset_log: SharedRateLimit,
     /// Idle, write-timeout and protocol-error warnings, for all workers together.
     pub timeout_log: SharedRateLimit,
-}
-
-impl Shared {
-    /// Counts a new connection from `peer` against the per-IP limit.
-    fn acquire(&self, peer: SocketAddr) -> bool {
-        if self.per_ip_limit == 0 {
-            return true;
-        }
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(peer.ip()).or_insert(0);
-        if *n >= self.per_ip_limit {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    /// A connection from `peer` has ended (or was never handed off).
-    fn release(&self, peer: SocketAddr) {
-        self.metrics.active.fetch_sub(1, Ordering::Relaxed);
-        if self.per_ip_limit == 0 {
-            return;
-        }
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&peer.ip()) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&peer.ip());
-            }
-        }
-    }
 }
 
 /// Why the server could not start: exit code 1.
@@ -246,8 +214,11 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
     let shared = Arc::new(Shared {
         metrics: metrics.clone(),
         stopping: AtomicBool::new(false),
-        per_ip_limit: config.server.max_connections_per_ip,
-        per_ip: Mutex::new(HashMap::new()),
+        admission: Arc::new(admission::Admission::new(
+            max_connections,
+            config.server.max_connections_per_ip,
+            metrics.clone(),
+        )),
         reset_log: SharedRateLimit::new(WARN_BURST, WARN_WINDOW),
         timeout_log: SharedRateLimit::new(WARN_BURST, WARN_WINDOW),
     });
@@ -288,7 +259,6 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
         listener,
         links,
         shared.clone(),
-        max_connections,
         config.server.busy_message.clone().into_bytes(),
     )
     .map_err(io_err("acceptor"))?;

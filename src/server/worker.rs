@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
+use super::admission::Permit;
 use super::conn::{Conn, Ctx, Limits, Next, ReadHint};
 use super::Shared;
 use crate::metrics::{CloseReason, LocalCounters};
@@ -35,6 +36,8 @@ const EVENTS_PER_POLL: usize = 1024;
 pub struct Handoff {
     pub stream: mio::net::TcpStream,
     pub peer: SocketAddr,
+    /// Its admission: moves into the connection, released when that is dropped.
+    pub permit: Permit,
 }
 
 /// How the acceptor wakes a worker: a mio `Waker` (an eventfd write), rung only
@@ -247,7 +250,11 @@ impl Worker {
     }
 
     fn adopt(&mut self, h: Handoff) {
-        let Handoff { mut stream, peer } = h;
+        let Handoff {
+            mut stream,
+            peer,
+            permit,
+        } = h;
         // TCP_NODELAY needs no call here: accepted sockets inherit it from the
         // listener (see `bind_main`).
         let stats = self.shared.metrics.worker(self.id);
@@ -261,13 +268,13 @@ impl Worker {
         ) {
             log::warn!("{peer}: cannot register with worker-{}: {e}", self.id);
             stats.connection_closed(CloseReason::IoError, Duration::ZERO);
-            self.shared.release(peer);
-            return;
+            return; // dropping the stream and the permit closes and releases it
         }
         self.next_generation += 1;
         entry.insert(Conn::new(
             stream,
             peer,
+            permit,
             self.next_generation,
             self.limits.codec,
             self.now,
@@ -359,7 +366,6 @@ impl Worker {
             .metrics
             .worker(self.id)
             .connection_closed(reason, lifetime);
-        self.shared.release(conn.peer);
         let peer = conn.peer;
         match reason {
             CloseReason::Reset => {
@@ -387,7 +393,8 @@ impl Worker {
             conn.owed(),
             lifetime.as_secs_f64()
         );
-        // Dropping the stream closes the socket, which also removes it from epoll.
+        // Dropping the stream closes the socket, which also removes it from epoll;
+        // dropping the permit gives the connection's slot back.
         drop(conn);
     }
 }
