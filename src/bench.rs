@@ -71,7 +71,10 @@ pub struct BenchArgs {
     /// A fresh connection per message (connect, one request, reply, close).
     #[arg(long)]
     pub churn: bool,
-    /// Most connections one --churn run opens (bounds TIME_WAIT sockets).
+    /// Most connections one --churn run opens, warm-up included (bounds TIME_WAIT
+    /// sockets). The warm-up may use at most half of them, so the measured window
+    /// always gets the rest; a run that reaches the limit ends early and reports
+    /// what it measured.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub churn_limit: u64,
     /// Load threads [default: 2, or fewer cores or connections].
@@ -140,6 +143,8 @@ pub struct Summary {
     pub held_open: u32,
     pub churn: bool,
     pub connections_opened: u64,
+    /// Churn: the run opened `--churn-limit` connections and ended early.
+    pub churn_limit_reached: bool,
     /// Replies completed and verified inside the measured window.
     pub messages: u64,
     pub msgs_per_s: f64,
@@ -234,6 +239,12 @@ impl Summary {
                 "  {:<14} {:>12}",
                 "connections", self.connections_opened
             )?;
+            if self.churn_limit_reached {
+                writeln!(
+                    out,
+                    "  (--churn-limit reached: the rates are over the time the run lasted)"
+                )?;
+            }
         }
         if self.hold > 0 {
             writeln!(
@@ -436,6 +447,12 @@ pub fn main(args: BenchArgs) -> ExitCode {
     }
 }
 
+/// `limit` split over `threads` as evenly as can be, summing to exactly `limit`.
+fn churn_shares(limit: u64, threads: usize) -> Vec<u64> {
+    let n = threads.max(1) as u64;
+    (0..n).map(|i| limit / n + u64::from(i < limit % n)).collect()
+}
+
 /// Sets up connections, runs the load threads, and gathers the summary.
 pub fn run(args: &BenchArgs) -> Result<Summary, String> {
     let workload = workload::Workload::new(args.mode, args.size as usize)?;
@@ -448,6 +465,12 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
             .min(DEFAULT_MAX_THREADS),
     }
     .min(slots);
+    // With churn, a thread with no connection to open would only idle.
+    let threads = if args.churn {
+        threads.min(usize::try_from(args.churn_limit).unwrap_or(usize::MAX))
+    } else {
+        threads
+    };
 
     if let Some(pid) = args.server_pid {
         // Checked before any load, so a wrong pid is a clear error, not a lost run.
@@ -490,7 +513,11 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
         measure_start,
         end,
         reply_timeout: args.timeout,
-        churn_limit: args.churn_limit.div_ceil(threads as u64),
+        churn_limits: churn_shares(args.churn_limit, threads),
+        churn_warmup_limits: churn_shares(args.churn_limit, threads)
+            .into_iter()
+            .map(|limit| limit / 2)
+            .collect(),
         threads,
     });
     let completed = Arc::new(AtomicU64::new(0));
@@ -563,6 +590,7 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
         held_open,
         churn: args.churn,
         connections_opened: 0,
+        churn_limit_reached: false,
         messages: 0,
         msgs_per_s: 0.0,
         mb_per_s: 0.0,
@@ -594,6 +622,7 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
         summary.errors += report.errors;
         summary.mismatches += report.mismatches;
         summary.connections_opened += report.connections_opened;
+        summary.churn_limit_reached |= report.churn_limit_reached;
         if summary.first_error.is_none() {
             summary.first_error = report.first_error;
         }
@@ -664,6 +693,19 @@ mod tests {
         }
         assert!(parse_nonzero_duration("0").is_err());
         assert!(parse_nonzero_duration("0s").is_err());
+    }
+
+    #[test]
+    fn churn_limit_is_split_exactly_and_warm_up_gets_under_half() {
+        assert_eq!(churn_shares(2000, 2), [1000, 1000]);
+        assert_eq!(churn_shares(5, 2), [3, 2]);
+        assert_eq!(churn_shares(1, 1), [1]);
+        for (limit, threads) in [(1u64, 1usize), (7, 3), (100_000, 4), (3, 3)] {
+            let shares = churn_shares(limit, threads);
+            assert_eq!(shares.iter().sum::<u64>(), limit);
+            // Every thread's measured window gets at least one connection.
+            assert!(shares.iter().all(|&s| s - s / 2 >= 1), "{shares:?}");
+        }
     }
 
     #[test]

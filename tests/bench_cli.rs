@@ -9,20 +9,15 @@ use std::time::{Duration, Instant};
 use common::{run, Server, WAIT};
 
 /// Runs a short `sockpool bench --json` against `addr`; returns its exit success, the
-/// parsed report and its stderr.
+/// parsed report and its stderr. `extra` may set `--duration` and `--warmup` (1 s
+/// and 200 ms otherwise).
 fn bench_json(addr: &str, extra: &[&str]) -> (bool, serde_json::Value, String) {
-    let mut args = vec![
-        "bench",
-        "--addr",
-        addr,
-        "--json",
-        "--duration",
-        "1s",
-        "--warmup",
-        "200ms",
-        "--threads",
-        "2",
-    ];
+    let mut args = vec!["bench", "--addr", addr, "--json", "--threads", "2"];
+    for (flag, default) in [("--duration", "1s"), ("--warmup", "200ms")] {
+        if !extra.contains(&flag) {
+            args.extend([flag, default]);
+        }
+    }
     args.extend_from_slice(extra);
     let out = run(&args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -134,6 +129,39 @@ fn churn_and_held_connections_complete() {
     let (ok, report, stderr) = bench_json(&addr, &["--connections", "2", "--hold", "200"]);
     assert_clean(ok, &report, &stderr);
     assert_eq!(count(&report, "held_open"), 200, "{report}");
+}
+
+/// A fast machine used up `--churn-limit 2000` in the 0.2 s warm-up and then
+/// failed with "no reply completed in the measured window". Here the limit is
+/// reached at the very start whatever the machine's speed: four slots, a limit
+/// of four, and a warm-up far longer than four round trips take. The warm-up may
+/// use only part of the limit, the measured window gets the rest, and a run that
+/// reaches its limit ends early and reports what it measured, without an error.
+#[test]
+fn regression_churn_limit_reached_in_the_warm_up_still_measures_and_succeeds() {
+    let server = Server::start(&["--workers", "1", "--mode", "echo", "--no-metrics"]);
+    let addr = server.addr.to_string();
+    let (ok, report, stderr) = bench_json(
+        &addr,
+        &[
+            "--churn",
+            "--connections",
+            "4",
+            "--churn-limit",
+            "4",
+            "--warmup",
+            "2s",
+            "--duration",
+            "60s",
+        ],
+    );
+    assert_clean(ok, &report, &stderr);
+    assert_eq!(count(&report, "connections_opened"), 4, "{report}");
+    assert_eq!(report["churn_limit_reached"], true, "{report}");
+    // Two threads with two connections each: at least one of each thread's is
+    // opened in the measured window (and a warm-up reply may arrive in it too).
+    let messages = count(&report, "messages");
+    assert!((2..=4).contains(&messages), "{report}");
 }
 
 #[test]

@@ -43,8 +43,13 @@ pub struct Plan {
     pub end: Instant,
     /// A request unanswered (or a connect unfinished) this long fails its connection.
     pub reply_timeout: Duration,
-    /// Churn: connections this thread may open at most (TIME_WAIT stays bounded).
-    pub churn_limit: u64,
+    /// Churn: connections each thread may open at most (TIME_WAIT stays bounded),
+    /// by thread index.
+    pub churn_limits: Vec<u64>,
+    /// Churn: of those, how many each thread may open before `measure_start`. Less
+    /// than its limit, so that a limit reached during the warm-up still leaves
+    /// connections for the measured window.
+    pub churn_warmup_limits: Vec<u64>,
     /// Churn: number of threads, so each thread takes its own source addresses.
     pub threads: usize,
 }
@@ -59,6 +64,8 @@ pub struct ThreadReport {
     pub first_error: Option<String>,
     pub first_mismatch: Option<String>,
     pub connections_opened: u64,
+    /// Churn: this thread opened all the connections it was allowed.
+    pub churn_limit_reached: bool,
 }
 
 impl ThreadReport {
@@ -271,6 +278,9 @@ struct Driver<'a> {
     report: ThreadReport,
     completed: &'a AtomicU64,
     thread_index: usize,
+    /// Churn: slots left empty because the warm-up's share of the limit was used
+    /// up; they are opened when the measured window starts.
+    parked: Vec<usize>,
 }
 
 impl Driver<'_> {
@@ -288,9 +298,21 @@ impl Driver<'_> {
         }
     }
 
-    /// Churn: opens the next connection in `slot`, or leaves it empty when done.
+    /// Churn: opens the next connection in `slot`, or leaves it empty when done
+    /// (parked until the measured window if only the warm-up's share is used up).
     fn open_churn(&mut self, slot: usize, now: Instant) {
-        if now >= self.plan.end || self.report.connections_opened >= self.plan.churn_limit {
+        let opened = self.report.connections_opened;
+        if now >= self.plan.end {
+            return;
+        }
+        if opened >= self.plan.churn_limits[self.thread_index] {
+            self.report.churn_limit_reached = true;
+            return;
+        }
+        if now < self.plan.measure_start
+            && opened >= self.plan.churn_warmup_limits[self.thread_index]
+        {
+            self.parked.push(slot);
             return;
         }
         let n =
@@ -411,9 +433,11 @@ pub fn run(
             first_error: None,
             first_mismatch: None,
             connections_opened: 0,
+            churn_limit_reached: false,
         },
         completed,
         thread_index,
+        parked: Vec::new(),
     };
     let now = Instant::now();
     for (id, stream) in streams {
@@ -445,16 +469,24 @@ pub fn run(
     let drain_until = plan.end + DRAIN_GRACE.min(plan.reply_timeout);
     loop {
         let now = Instant::now();
-        // Churn slots are reopened at once unless the run is over or the slot failed
-        // (a server that refuses would otherwise make us spin on failing connects), so
-        // no live connection left means nothing more can happen.
-        if driver.conns.iter().all(Option::is_none) {
+        if now >= plan.measure_start && !driver.parked.is_empty() {
+            for slot in std::mem::take(&mut driver.parked) {
+                driver.open_churn(slot, now);
+            }
+        }
+        // Churn slots are reopened at once unless the run is over, the slot failed
+        // (a server that refuses would otherwise make us spin on failing connects),
+        // or it waits for the measured window; so no live connection and none
+        // waiting means nothing more can happen.
+        if driver.conns.iter().all(Option::is_none) && driver.parked.is_empty() {
             break;
         }
         if now >= plan.end && (driver.idle() || now >= drain_until) {
             break;
         }
-        let phase_edge = if now < plan.end {
+        let phase_edge = if !driver.parked.is_empty() {
+            plan.measure_start
+        } else if now < plan.end {
             plan.end
         } else {
             drain_until
