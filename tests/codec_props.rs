@@ -1,10 +1,13 @@
 //! Properties of the sans-I/O codecs, through the public `sockpool::protocol` API:
 //! how the input is cut into reads never changes what line framing or echo answer;
 //! read framing answers each read exactly once; line framing fails exactly when a
-//! line is over the limit. Plus the regression tests the fuzzer's findings became.
+//! line is over the limit; fed with a bounded room for replies (as the server does,
+//! so that `max_pending_write_bytes` bounds memory), the decoder stays within the
+//! room plus one reply, and resuming with the rest gives the same reply stream.
+//! Plus the regression tests the fuzzer's findings became.
 
 use proptest::prelude::*;
-use sockpool::protocol::{Codec, Decoder, LINE_TOO_LONG};
+use sockpool::protocol::{Codec, Decoder, ACK_OVERHEAD, LINE_TOO_LONG};
 
 /// What a decoder answered for a sequence of reads followed by EOF.
 #[derive(Debug, PartialEq, Eq)]
@@ -190,6 +193,124 @@ fn line_at_the_limit_with_crlf_split_anywhere_is_answered() {
         let got = run(codec, &[&input[..i], &input[i..]]);
         assert_eq!(got.out, ack(b"12345678", true), "cut at {i}");
         assert!(!got.failed);
+    }
+}
+
+/// What feeding `reads` with bounded rooms, the way a connection does, produced.
+struct Bounded {
+    out: Vec<u8>,
+    failed: bool,
+}
+
+/// Feeds each read as a connection does: the input a call leaves unconsumed is
+/// kept and fed first next time, each call with the next room from `rooms`
+/// (cycled; a room of 0 takes nothing, as when the queue is full). Checks every
+/// call's output against its room and against the input it consumed.
+fn run_bounded(codec: Codec, reads: &[&[u8]], rooms: &[usize]) -> Result<Bounded, TestCaseError> {
+    let max_reply = match codec {
+        Codec::AckLine { max_line_bytes } => (max_line_bytes + ACK_OVERHEAD).max(LINE_TOO_LONG.len()),
+        // One read is one message: the caller bounds the read, not the decoder.
+        Codec::AckRead | Codec::Echo => usize::MAX / 2,
+    };
+    let mut d = Decoder::new(codec);
+    let mut out = Vec::new();
+    let mut kept: Vec<u8> = Vec::new();
+    let mut calls = 0usize;
+    for read in reads {
+        kept.extend_from_slice(read);
+        // Feed until this read is taken; the number of calls is bounded, as every
+        // call with room consumes something (or fails).
+        let mut zero_rooms = 0;
+        while !kept.is_empty() {
+            let room = rooms[calls % rooms.len()];
+            calls += 1;
+            let before = (out.len(), d.buffered());
+            let fed = d.feed_bounded(&kept, &mut out, room);
+            let produced = out.len() - before.0;
+            prop_assert!(fed.consumed <= kept.len());
+            if fed.error.is_some() {
+                prop_assert_eq!(fed.consumed, kept.len(), "an error takes everything");
+            }
+            // Never more than the room plus one reply...
+            if produced > 0 {
+                prop_assert!(produced < room.saturating_add(max_reply),
+                    "room {} produced {} (max reply {})", room, produced, max_reply);
+            }
+            // ...and never more than the input taken can cost: 19 bytes per byte,
+            // plus the unfinished line held from before, plus the error line.
+            let error_line = if fed.error.is_some() { LINE_TOO_LONG.len() } else { 0 };
+            prop_assert!(
+                produced <= ACK_OVERHEAD * fed.consumed + before.1 + error_line,
+                "consumed {} (held {}) produced {}", fed.consumed, before.1, produced
+            );
+            // Input is left over only when the room is used up.
+            if fed.consumed < kept.len() && fed.error.is_none() {
+                prop_assert!(produced >= room, "stopped early: room {} produced {}", room, produced);
+            }
+            if room == 0 {
+                prop_assert_eq!((fed.consumed, produced), (0, 0));
+                zero_rooms += 1;
+                prop_assert!(zero_rooms <= rooms.len(), "only zero rooms");
+            } else {
+                zero_rooms = 0;
+            }
+            kept.drain(..fed.consumed);
+            if fed.error.is_some() {
+                return Ok(Bounded { out, failed: true });
+            }
+        }
+    }
+    d.finish(&mut out);
+    Ok(Bounded {
+        out,
+        failed: d.failed(),
+    })
+}
+
+fn rooms() -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(prop_oneof![1 => Just(0usize), 6 => 1usize..80, 1 => 80usize..1000], 1..8)
+        .prop_filter("some room", |r| r.iter().any(|&n| n > 0))
+}
+
+proptest! {
+    /// However reads fall and whatever room each call gets, line framing answers
+    /// exactly what one unbounded call answers, and echo returns the input.
+    #[test]
+    fn bounded_feeding_and_resuming_gives_the_same_replies(
+        input in bytes(400),
+        at in cuts(),
+        room in rooms(),
+        max_line_bytes in 0usize..48,
+    ) {
+        let codec = Codec::AckLine { max_line_bytes };
+        let whole = run(codec, &[&input]);
+        let bounded = run_bounded(codec, &cut(&input, &at), &room)?;
+        prop_assert_eq!(bounded.failed, whole.failed);
+        prop_assert_eq!(bounded.out, whole.out);
+        let echo = run_bounded(Codec::Echo, &cut(&input, &at), &room)?;
+        prop_assert_eq!(echo.out, input);
+    }
+
+    /// A flood of empty lines (19 bytes of reply per input byte) in big reads:
+    /// every call stays within its room plus one reply.
+    #[test]
+    fn bounded_feeding_of_empty_lines_stays_within_the_room(
+        lines in 1usize..3000,
+        crlf in any::<bool>(),
+        room in rooms(),
+    ) {
+        let line: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+        let input = line.repeat(lines);
+        let codec = Codec::AckLine { max_line_bytes: 16 };
+        let bounded = run_bounded(codec, &[&input], &room)?;
+        prop_assert_eq!(bounded.out, ack(b"", true).repeat(lines));
+    }
+
+    #[test]
+    fn bounded_read_framing_answers_each_fed_chunk_once(input in bytes(300), at in cuts(), room in rooms()) {
+        let reads = cut(&input, &at);
+        let bounded = run_bounded(Codec::AckRead, &reads, &room)?;
+        prop_assert_eq!(bounded.out, run(Codec::AckRead, &reads).out);
     }
 }
 

@@ -190,6 +190,15 @@ impl Decoder {
             messages += 1;
             self.clear_partial();
         }
+        if !rest.is_empty() && out.len() - start >= room {
+            // The queue is full: even the start of the next line waits (taking it
+            // could end in an error reply past the room).
+            return Fed {
+                consumed: input.len() - rest.len(),
+                messages,
+                error: None,
+            };
+        }
         // An unfinished line: keep it, unless it can no longer fit. One byte more
         // than the limit is allowed only if it is a `\r` that a `\n` may follow.
         let held = self.partial.len() + rest.len();
