@@ -450,7 +450,9 @@ pub fn main(args: BenchArgs) -> ExitCode {
 /// `limit` split over `threads` as evenly as can be, summing to exactly `limit`.
 fn churn_shares(limit: u64, threads: usize) -> Vec<u64> {
     let n = threads.max(1) as u64;
-    (0..n).map(|i| limit / n + u64::from(i < limit % n)).collect()
+    (0..n)
+        .map(|i| limit / n + u64::from(i < limit % n))
+        .collect()
 }
 
 /// Sets up connections, runs the load threads, and gathers the summary.

@@ -208,7 +208,9 @@ struct Bounded {
 /// call's output against its room and against the input it consumed.
 fn run_bounded(codec: Codec, reads: &[&[u8]], rooms: &[usize]) -> Result<Bounded, TestCaseError> {
     let max_reply = match codec {
-        Codec::AckLine { max_line_bytes } => (max_line_bytes + ACK_OVERHEAD).max(LINE_TOO_LONG.len()),
+        Codec::AckLine { max_line_bytes } => {
+            (max_line_bytes + ACK_OVERHEAD).max(LINE_TOO_LONG.len())
+        }
         // One read is one message: the caller bounds the read, not the decoder.
         Codec::AckRead | Codec::Echo => usize::MAX / 2,
     };
@@ -233,19 +235,36 @@ fn run_bounded(codec: Codec, reads: &[&[u8]], rooms: &[usize]) -> Result<Bounded
             }
             // Never more than the room plus one reply...
             if produced > 0 {
-                prop_assert!(produced < room.saturating_add(max_reply),
-                    "room {} produced {} (max reply {})", room, produced, max_reply);
+                prop_assert!(
+                    produced < room.saturating_add(max_reply),
+                    "room {} produced {} (max reply {})",
+                    room,
+                    produced,
+                    max_reply
+                );
             }
             // ...and never more than the input taken can cost: 19 bytes per byte,
             // plus the unfinished line held from before, plus the error line.
-            let error_line = if fed.error.is_some() { LINE_TOO_LONG.len() } else { 0 };
+            let error_line = if fed.error.is_some() {
+                LINE_TOO_LONG.len()
+            } else {
+                0
+            };
             prop_assert!(
                 produced <= ACK_OVERHEAD * fed.consumed + before.1 + error_line,
-                "consumed {} (held {}) produced {}", fed.consumed, before.1, produced
+                "consumed {} (held {}) produced {}",
+                fed.consumed,
+                before.1,
+                produced
             );
             // Input is left over only when the room is used up.
             if fed.consumed < kept.len() && fed.error.is_none() {
-                prop_assert!(produced >= room, "stopped early: room {} produced {}", room, produced);
+                prop_assert!(
+                    produced >= room,
+                    "stopped early: room {} produced {}",
+                    room,
+                    produced
+                );
             }
             if room == 0 {
                 prop_assert_eq!((fed.consumed, produced), (0, 0));
@@ -268,8 +287,11 @@ fn run_bounded(codec: Codec, reads: &[&[u8]], rooms: &[usize]) -> Result<Bounded
 }
 
 fn rooms() -> impl Strategy<Value = Vec<usize>> {
-    prop::collection::vec(prop_oneof![1 => Just(0usize), 6 => 1usize..80, 1 => 80usize..1000], 1..8)
-        .prop_filter("some room", |r| r.iter().any(|&n| n > 0))
+    prop::collection::vec(
+        prop_oneof![1 => Just(0usize), 6 => 1usize..80, 1 => 80usize..1000],
+        1..8,
+    )
+    .prop_filter("some room", |r| r.iter().any(|&n| n > 0))
 }
 
 proptest! {

@@ -1,5 +1,5 @@
-//! Every codec entry point (`Decoder::new`, `feed`, `finish`, `buffered`) on
-//! fuzzer-chosen input cut into fuzzer-chosen reads.
+//! Every codec entry point (`Decoder::new`, `feed`, `feed_bounded`, `finish`,
+//! `buffered`) on fuzzer-chosen input cut into fuzzer-chosen reads.
 //!
 //! Input layout: byte 0 picks the codec, bytes 1-2 `max_line_bytes` (kept small so
 //! that over-long lines are common), byte 3 how many cut points follow (0-15), then
@@ -10,10 +10,13 @@
 //! reply per non-empty read; line framing gives exactly what one read of the whole
 //! input gives, and what a plain line-by-line model gives; the decoder never holds
 //! more than `max_line_bytes + 1` bytes; after an error it answers nothing more.
+//! Fed with bounded rooms (the cut bytes again, as room sizes), as a connection
+//! does: each call stays under its room plus one reply, leaves input only once the
+//! room is used up, and resuming with what was left gives the same replies.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sockpool::protocol::{Codec, Decoder, LINE_TOO_LONG};
+use sockpool::protocol::{Codec, Decoder, ACK_OVERHEAD, LINE_TOO_LONG};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&[which, hi, lo, cuts], rest)) = data.split_first_chunk::<4>() else {
@@ -63,7 +66,53 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(split.failed, failed);
         }
     }
+    if codec != Codec::AckRead {
+        let rooms: Vec<usize> = lens.iter().map(|&l| usize::from(l)).collect();
+        let bounded = run_bounded(codec, &reads, &rooms);
+        assert_eq!(bounded, split.out, "bounded feeding changed the replies");
+    }
 });
+
+/// Feeds `reads` as a connection does, each call with the next room (cycled, 0s
+/// skipped), keeping what a call left for the next one; returns the replies.
+fn run_bounded(codec: Codec, reads: &[&[u8]], rooms: &[usize]) -> Vec<u8> {
+    let rooms: Vec<usize> = rooms.iter().copied().filter(|&r| r > 0).collect();
+    let rooms = if rooms.is_empty() { vec![1] } else { rooms };
+    let max_reply = match codec {
+        Codec::AckLine { max_line_bytes } => {
+            (max_line_bytes + ACK_OVERHEAD).max(LINE_TOO_LONG.len())
+        }
+        _ => usize::MAX / 2,
+    };
+    let mut d = Decoder::new(codec);
+    let mut out = Vec::new();
+    let mut kept = Vec::new();
+    let mut call = 0;
+    for read in reads {
+        kept.extend_from_slice(read);
+        while !kept.is_empty() {
+            let room = rooms[call % rooms.len()];
+            call += 1;
+            let before = out.len();
+            let fed = d.feed_bounded(&kept, &mut out, room);
+            let produced = out.len() - before;
+            assert!(fed.consumed <= kept.len());
+            assert!(
+                produced == 0 || produced < room + max_reply,
+                "room {room}: {produced}"
+            );
+            if fed.consumed < kept.len() {
+                assert!(fed.error.is_none() && produced >= room, "stopped early");
+            }
+            kept.drain(..fed.consumed);
+            if fed.error.is_some() {
+                return out;
+            }
+        }
+    }
+    d.finish(&mut out);
+    out
+}
 
 struct Outcome {
     out: Vec<u8>,
