@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Instant;
 
-use common::{kill, output_within, run_with_input, Server, WAIT};
+use common::{ack, kill, output_within, run_with_input, Server, WAIT};
 
 fn spawn_client(addr: &str) -> Child {
     Command::new(common::bin())
@@ -62,10 +62,6 @@ fn recv_bytes(rx: &mpsc::Receiver<Vec<u8>>, want: usize, pid: u32) -> Vec<u8> {
         }
     }
     got
-}
-
-fn ack(line: &[u8]) -> Vec<u8> {
-    [&b"Server received \""[..], line, b"\"\n"].concat()
 }
 
 #[test]

@@ -6,6 +6,9 @@
 //! room plus one reply, and resuming with the rest gives the same reply stream.
 //! Plus the regression tests the fuzzer's findings became.
 
+mod common;
+
+use common::{ack, ack_unterminated};
 use proptest::prelude::*;
 use sockpool::protocol::{Codec, Decoder, ACK_OVERHEAD, LINE_TOO_LONG};
 
@@ -59,16 +62,6 @@ fn cut<'a>(input: &'a [u8], at: &[prop::sample::Index]) -> Vec<&'a [u8]> {
     reads
 }
 
-fn ack(body: &[u8], newline: bool) -> Vec<u8> {
-    let mut v = b"Server received \"".to_vec();
-    v.extend_from_slice(body);
-    v.push(b'"');
-    if newline {
-        v.push(b'\n');
-    }
-    v
-}
-
 /// Bytes with plenty of `\n` and `\r`, so that lines are short and terminators of
 /// every kind are common.
 fn bytes(max_len: usize) -> impl Strategy<Value = Vec<u8>> {
@@ -111,8 +104,8 @@ proptest! {
         for read in reads.iter().filter(|r| !r.is_empty()) {
             n += 1;
             want.extend(match read.strip_suffix(b"\n") {
-                Some(body) => ack(body.strip_suffix(b"\r").unwrap_or(body), true),
-                None => ack(read, false),
+                Some(body) => ack(body.strip_suffix(b"\r").unwrap_or(body)),
+                None => ack_unterminated(read),
             });
         }
         prop_assert_eq!(got.out, want);
@@ -140,7 +133,7 @@ proptest! {
                 over = true;
                 break;
             }
-            want.extend(ack(line, true));
+            want.extend(ack(line));
         }
         if !over && last.len() > max_line_bytes {
             over = true;
@@ -148,7 +141,7 @@ proptest! {
         if over {
             want.extend_from_slice(LINE_TOO_LONG);
         } else if !last.is_empty() {
-            want.extend(ack(last, false));
+            want.extend(ack_unterminated(last));
         }
         prop_assert_eq!(got.failed, over);
         prop_assert_eq!(got.out, want);
@@ -167,10 +160,8 @@ proptest! {
 /// `\r` before EOF.
 #[test]
 fn regression_final_line_one_over_the_limit_ending_in_cr_is_an_error_at_eof() {
-    let cases: [(usize, &[u8], Vec<u8>); 2] = [
-        (8, b"ok\n12345678\r", ack(b"ok", true)),
-        (0, b"\r", Vec::new()),
-    ];
+    let cases: [(usize, &[u8], Vec<u8>); 2] =
+        [(8, b"ok\n12345678\r", ack(b"ok")), (0, b"\r", Vec::new())];
     for (max_line_bytes, input, answered) in cases {
         let got = run(Codec::AckLine { max_line_bytes }, &[input]);
         let want = [answered.as_slice(), LINE_TOO_LONG].concat();
@@ -191,7 +182,7 @@ fn line_at_the_limit_with_crlf_split_anywhere_is_answered() {
     let input = b"12345678\r\n";
     for i in 0..=input.len() {
         let got = run(codec, &[&input[..i], &input[i..]]);
-        assert_eq!(got.out, ack(b"12345678", true), "cut at {i}");
+        assert_eq!(got.out, ack(b"12345678"), "cut at {i}");
         assert!(!got.failed);
     }
 }
@@ -325,7 +316,7 @@ proptest! {
         let input = line.repeat(lines);
         let codec = Codec::AckLine { max_line_bytes: 16 };
         let bounded = run_bounded(codec, &[&input], &room)?;
-        prop_assert_eq!(bounded.out, ack(b"", true).repeat(lines));
+        prop_assert_eq!(bounded.out, ack(b"").repeat(lines));
     }
 
     #[test]

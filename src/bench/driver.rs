@@ -15,7 +15,8 @@ use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use super::workload::{escape_truncated, Workload};
+use super::workload::Workload;
+use crate::logging::escape;
 
 /// How often stalled connections are looked for.
 const STALL_CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -197,8 +198,8 @@ impl Conn {
                 "connection {}: reply differs at byte {} of what was owed: expected {}, got {}",
                 self.id,
                 at,
-                escape_truncated(&want[at..], SHOW_BYTES),
-                escape_truncated(&got[at..], SHOW_BYTES)
+                escape(&want[at..], SHOW_BYTES),
+                escape(&got[at..], SHOW_BYTES)
             )));
         }
         if got.len() > want.len() {
@@ -206,7 +207,7 @@ impl Conn {
                 "connection {}: {} unexpected bytes after the owed replies: {}",
                 self.id,
                 got.len() - want.len(),
-                escape_truncated(&got[want.len()..], SHOW_BYTES)
+                escape(&got[want.len()..], SHOW_BYTES)
             )));
         }
         self.expect_pos += got.len();

@@ -101,16 +101,6 @@ impl Workload {
     }
 }
 
-/// Renders bytes for an error message: escaped, at most `max` bytes shown.
-pub fn escape_truncated(bytes: &[u8], max: usize) -> String {
-    let shown = &bytes[..bytes.len().min(max)];
-    let mut text = format!("{:?}", String::from_utf8_lossy(shown));
-    if bytes.len() > max {
-        text.push_str(&format!(" (+{} bytes)", bytes.len() - max));
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,11 +168,5 @@ mod tests {
         let mut rep = Vec::new();
         w.push_reply(0, 0, &mut rep);
         assert_eq!(rep, b"Server received \"\"\n");
-    }
-
-    #[test]
-    fn escape_truncates_long_input() {
-        assert_eq!(escape_truncated(b"a\nb", 10), "\"a\\nb\"");
-        assert_eq!(escape_truncated(b"abcdef", 2), "\"ab\" (+4 bytes)");
     }
 }

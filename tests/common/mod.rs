@@ -461,3 +461,106 @@ pub fn reset(s: TcpStream) {
     sock.set_linger(Some(Duration::ZERO)).unwrap();
     drop(sock);
 }
+
+// ---------------------------------------------------------------- fault-suite helpers
+// Shared by the fault suites (resets, slow_clients, lifecycle, limits, signals,
+// config_errors) and the protocol tests.
+
+/// The reply to one line (line framing, or a read chunk that ends in `\n`):
+/// `Server received "<body>"\n`.
+pub fn ack(body: impl AsRef<[u8]>) -> Vec<u8> {
+    let mut v = ack_unterminated(body);
+    v.push(b'\n');
+    v
+}
+
+/// The reply to a read chunk without a final `\n`, or to a final line at EOF:
+/// `Server received "<body>"`, no `\n`.
+pub fn ack_unterminated(body: impl AsRef<[u8]>) -> Vec<u8> {
+    [&b"Server received \""[..], body.as_ref(), b"\""].concat()
+}
+
+/// The series of `sockpool_connections_closed_total` for one reason.
+pub fn closed(reason: &str) -> String {
+    format!("sockpool_connections_closed_total{{reason=\"{reason}\"}}")
+}
+
+/// A fresh client gets the right answer for the server's mode.
+pub fn assert_served(server: &Server) {
+    let echo = server.log().contains("(mode=echo");
+    let mut c = server.connect();
+    c.write_all(b"fresh\n").unwrap();
+    let want = if echo {
+        b"fresh\n".to_vec()
+    } else {
+        ack("fresh")
+    };
+    assert_eq!(
+        read_exact_bytes(&mut c, want.len()),
+        want,
+        "log:\n{}",
+        server.log()
+    );
+}
+
+/// How every fault case ends: a fresh client is served and the counters add up
+/// with `active` connections still open.
+pub fn end_case(server: &Server, active: f64) -> String {
+    assert_served(server);
+    server.assert_counters_add_up(active)
+}
+
+/// A client socket bound to `src` before connecting.
+pub fn connect_from(addr: SocketAddr, src: std::net::Ipv4Addr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((src, 0)).into())?;
+    s.connect(&addr.into())?;
+    Ok(s.into())
+}
+
+/// `VmRSS` of a process, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// Waits (bounded by [`WAIT`]) until `f` holds.
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads until the server closes the connection and returns what came first.
+/// Unlike [`read_to_eof`], a read timeout ([`WAIT`]) fails: "closed" and "still
+/// open after a while" must not look alike.
+pub fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+            Err(e) => panic!("not closed within {WAIT:?} ({e}); got {out:?}"),
+        }
+    }
+}
+
+/// The cases that load the machine take turns within one test binary, so that
+/// they neither starve each other nor the others on a 2-core machine.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(PoisonError::into_inner)
+}
