@@ -51,7 +51,7 @@ fn flood_past_max_connections_is_refused_cleanly_and_held_ones_still_work() {
         .map(|i| {
             let mut c = server.connect();
             c.write_all(format!("hold {i}\n").as_bytes()).unwrap();
-            let want = ack(&format!("hold {i}"));
+            let want = ack(format!("hold {i}"));
             assert_eq!(read_exact_bytes(&mut c, want.len()), want);
             c
         })
@@ -75,7 +75,7 @@ fn flood_past_max_connections_is_refused_cleanly_and_held_ones_still_work() {
     );
     for (i, c) in held.iter_mut().enumerate() {
         c.write_all(format!("again {i}\n").as_bytes()).unwrap();
-        let want = ack(&format!("again {i}"));
+        let want = ack(format!("again {i}"));
         assert_eq!(read_exact_bytes(c, want.len()), want);
     }
     server.assert_counters_add_up(50.0);
@@ -304,7 +304,7 @@ fn fd_exhaustion_backs_off_logs_little_and_recovers() {
     clients.drain(..30);
     for (i, c) in clients.iter_mut().enumerate().rev().take(20) {
         c.write_all(format!("late {i}\n").as_bytes()).unwrap();
-        let want = ack(&format!("late {i}"));
+        let want = ack(format!("late {i}"));
         assert_eq!(read_exact_bytes(c, want.len()), want, "client {i}");
     }
     let status = early_scrape.join().unwrap_or(0);
