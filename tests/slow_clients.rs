@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    ack, assert_served, closed, end_case, heavy, read_exact_bytes, read_to_eof, read_until_closed,
-    rss, Server,
+    ack, assert_served, closed, end_case, heavy, metric_value, read_exact_bytes, read_to_eof,
+    read_until_closed, rss, Server, WAIT,
 };
+use socket2::{Domain, Socket, Type};
 
 /// A client that never closed kept the tutorial's server waiting forever.
 #[test]
@@ -194,5 +195,269 @@ fn hundred_mebibytes_without_a_newline_is_cut_off_early_with_flat_memory() {
         "100 MiB line: client sent {sent} bytes, server read {received}, RSS +{growth} bytes"
     );
     drop(writer);
+    end_case(&server, 0.0);
+}
+
+// ---------------------------------------------------------------- idle and write timeouts
+
+/// Starts the server with `max_pending_write_bytes = 1024` (a config key with no
+/// flag) and `flags`.
+fn start_with_small_queue(flags: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("small-queue.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n\
+         [connection]\nmax_pending_write_bytes = 1024\n",
+    )
+    .unwrap();
+    let mut args = vec!["--config", path.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    Server::start(&args)
+}
+
+/// Bytes the server has read and not yet written (echo mode): its queue.
+fn owed_bytes(server: &Server) -> f64 {
+    let text = server.scrape();
+    let get = |series| metric_value(&text, series).unwrap_or(0.0);
+    get("sockpool_received_bytes_total") - get("sockpool_sent_bytes_total")
+}
+
+/// An echo client that is owed bytes it never reads: a 4 KiB receive buffer and
+/// input written until the server holds replies it cannot send (its counters say
+/// so). It then sends nothing more.
+fn owed_client(server: &Server) -> TcpStream {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.set_recv_buffer_size(4096).unwrap();
+    s.connect(&server.addr.into()).unwrap();
+    let c: TcpStream = s.into();
+    c.set_nonblocking(true).unwrap();
+    let chunk = vec![b'o'; 64 << 10];
+    let deadline = Instant::now() + WAIT;
+    let mut sent = 0usize;
+    loop {
+        match (&c).write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if owed_bytes(server) > 0.0 {
+                    return c;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("write failed after {sent} bytes: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline && sent < 1 << 30,
+            "the server never owed bytes ({sent} sent)"
+        );
+    }
+}
+
+/// `--write-timeout 0` turned the idle timeout off as well for a client owed
+/// bytes: one that then neither read nor sent kept its connection and its queue
+/// forever. With no write progress possible and nothing sent, it is idle.
+#[test]
+fn regression_write_timeout_0_does_not_turn_off_idle_timeout() {
+    let server = start_with_small_queue(&[
+        "--mode",
+        "echo",
+        "--write-timeout",
+        "0",
+        "--idle-timeout",
+        "300ms",
+    ]);
+    let _owed = owed_client(&server);
+    server.wait_metric(&closed("idle_timeout"), |v| v == 1.0);
+    assert_eq!(server.metric(&closed("write_timeout")), 0.0);
+    end_case(&server, 0.0);
+}
+
+/// Every combination of the two timeouts, each 0 (off) or not, with one client
+/// owed bytes (neither reading nor sending) and one silent client owed nothing:
+/// which of them is closed, and for which reason. A timeout that is off never
+/// turns the other one off; with both on, the earlier deadline wins.
+#[test]
+fn every_combination_of_idle_and_write_timeouts() {
+    struct Case {
+        idle: &'static str,
+        write: &'static str,
+        /// Closed by the end, by reason: (idle_timeout, write_timeout).
+        closed: (f64, f64),
+    }
+    let cases = [
+        // Neither: both stay open.
+        Case {
+            idle: "0",
+            write: "0",
+            closed: (0.0, 0.0),
+        },
+        // Idle only: both are idle (the owed one makes no progress, sends nothing).
+        Case {
+            idle: "300ms",
+            write: "0",
+            closed: (2.0, 0.0),
+        },
+        // Write only: the owed one times out, the silent one stays.
+        Case {
+            idle: "0",
+            write: "300ms",
+            closed: (0.0, 1.0),
+        },
+        // Both, idle first: idle closes both.
+        Case {
+            idle: "300ms",
+            write: "30s",
+            closed: (2.0, 0.0),
+        },
+        // Both, write first: the owed one by write, the silent one by idle.
+        Case {
+            idle: "2s",
+            write: "300ms",
+            closed: (1.0, 1.0),
+        },
+    ];
+    for case in cases {
+        let what = format!("idle {} write {}", case.idle, case.write);
+        let server = start_with_small_queue(&[
+            "--mode",
+            "echo",
+            "--idle-timeout",
+            case.idle,
+            "--write-timeout",
+            case.write,
+        ]);
+        let owed = owed_client(&server);
+        let silent = server.connect();
+        let (idle, write) = case.closed;
+        server.wait_metric(&closed("idle_timeout"), |v| v == idle);
+        server.wait_metric(&closed("write_timeout"), |v| v == write);
+        let open = 2.0 - idle - write;
+        if open > 0.0 {
+            // What no timeout closes stays open: give the others time to act
+            // wrongly (a slower machine only waits longer).
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let text = server.assert_counters_add_up(open);
+        assert_eq!(
+            (
+                metric_value(&text, &closed("idle_timeout")),
+                metric_value(&text, &closed("write_timeout"))
+            ),
+            (Some(idle), Some(write)),
+            "{what}\n{text}"
+        );
+        drop((owed, silent));
+        server.assert_counters_add_up(0.0);
+    }
+}
+
+// ---------------------------------------------------------------- memory
+
+/// One 64 KiB read of `\n` bytes made 19 bytes of reply per byte and all of it
+/// was queued: 50 clients that never read (4 KiB receive buffers) and sent
+/// 512 KiB of `\n` each grew the server by 44 MB with
+/// `max_pending_write_bytes = 1024`. The owed bytes must stay under
+/// `max_pending_write_bytes` plus one reply, and the input kept undecoded under
+/// `max_pending_write_bytes`, so the growth is a few KiB per connection.
+#[test]
+fn regression_line_framing_memory_is_bounded_by_max_pending_write_bytes() {
+    const CLIENTS: usize = 50;
+    const EACH: usize = 512 << 10;
+    const PENDING: u64 = 1024;
+    const MAX_LINE: u64 = 1024;
+    /// Per connection: the queue (one reply past the limit), the kept input, and
+    /// room for allocator rounding and the connection's own state.
+    const PER_CONN: u64 = (PENDING + MAX_LINE + 20) + PENDING + 4096;
+    /// Whole process: allocator arenas, metrics scrapes, stacks touched.
+    const SLACK: u64 = 4 << 20;
+    let _turn = heavy();
+    let server = start_with_small_queue(&[
+        "--workers",
+        "1",
+        "--framing",
+        "line",
+        "--max-line-bytes",
+        "1024",
+        "--idle-timeout",
+        "0",
+        "--write-timeout",
+        "0",
+    ]);
+    assert_served(&server);
+    server.scrape();
+    let pid = server.pid();
+    let before = rss(pid);
+    let peak = Arc::new(AtomicUsize::new(before as usize));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(rss(pid) as usize, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&server.addr.into()).unwrap();
+            s.into()
+        })
+        .collect();
+    // Each client writes until all is sent or the server stops taking it (a
+    // write blocked for a second); none ever reads.
+    let writers: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let mut c = c.try_clone().unwrap();
+            std::thread::spawn(move || {
+                c.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+                let lines = vec![b'\n'; 64 << 10];
+                let mut sent = 0;
+                while sent < EACH {
+                    match c.write(&lines[..(EACH - sent).min(lines.len())]) {
+                        Ok(n) => sent += n,
+                        Err(_) => break,
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let sent: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    // Let the server work through what it took in.
+    let mut last = -1.0;
+    loop {
+        let received = server.metric("sockpool_received_bytes_total");
+        if received == last {
+            break;
+        }
+        last = received;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed) as u64;
+    let growth = peak.saturating_sub(before);
+    let messages = server.metric("sockpool_messages_total");
+    eprintln!(
+        "{CLIENTS} clients sent {sent} bytes of \\n; server read {last}, answered {messages} lines; \
+         RSS +{growth} bytes ({} per connection)",
+        growth / CLIENTS as u64
+    );
+    // Not vacuous: every connection had its queue filled (1024 bytes of replies
+    // is 54 lines) before the server stopped reading it.
+    assert!(
+        messages >= (CLIENTS * 54) as f64,
+        "only {messages} lines answered"
+    );
+    let bound = CLIENTS as u64 * PER_CONN + SLACK;
+    assert!(
+        growth <= bound,
+        "RSS grew {growth} bytes for {CLIENTS} connections (bound {bound})"
+    );
+    drop(clients);
     end_case(&server, 0.0);
 }
