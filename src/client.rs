@@ -452,11 +452,20 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
+    /// For the test that waits for the reply timeout on purpose.
     const SHORT: Limits = Limits {
         connect: Duration::from_secs(10),
         reply: Duration::from_millis(200),
         send: Duration::from_secs(10),
         drain: Duration::from_secs(2),
+    };
+
+    /// For tests whose peer does answer: no timeout a slow machine could reach.
+    const PATIENT: Limits = Limits {
+        connect: Duration::from_secs(20),
+        reply: Duration::from_secs(20),
+        send: Duration::from_secs(20),
+        drain: Duration::from_secs(20),
     };
 
     /// Runs `peer` on the one connection a fresh listener accepts.
@@ -514,7 +523,7 @@ mod tests {
         let mut out = Vec::new();
         let res = run_with(
             &addr,
-            SHORT,
+            PATIENT,
             &b"hi\nmore\n"[..],
             &mut out,
             io::sink(),
@@ -550,7 +559,15 @@ mod tests {
             conn.write_all(b"bye\n").expect("write");
         });
         let mut out = Vec::new();
-        run_with(&addr, SHORT, &b"abc\nxyz"[..], &mut out, io::sink(), false).expect("run");
+        run_with(
+            &addr,
+            PATIENT,
+            &b"abc\nxyz"[..],
+            &mut out,
+            io::sink(),
+            false,
+        )
+        .expect("run");
         assert_eq!(out, b"one reply\ntwo\nbye\n");
         peer.join().expect("peer");
     }
