@@ -13,13 +13,16 @@
 //!   replies out. No sockets, no clocks, no metrics; unit-, property- and
 //!   fuzz-tested.
 //! - [`server`]: `start(config)` binds and spawns everything; shutdown ordering.
-//!   - `server::acceptor`: the accept thread: limits, least-loaded worker, hand-off
-//!     over a bounded crossbeam channel, wake-ups only for parked workers (batched),
-//!     accept-error back-off.
+//!   - `server::acceptor`: the accept thread: admission, least-loaded worker,
+//!     hand-off over a bounded crossbeam channel, wake-ups only for parked workers
+//!     (batched), accept-error back-off.
+//!   - [`server::admission`]: `max_connections` and the per-IP table as a
+//!     `Permit` taken at accept, carried in the hand-off and the connection, and
+//!     released on drop.
 //!   - `server::worker`: one worker thread: its mio `Poll`, its connections, their
 //!     timers, the read buffer they share.
-//!   - [`server::conn`]: one connection: bytes owed, flow control, deadlines, how
-//!     it ends.
+//!   - [`server::conn`]: one connection: bytes owed, flow control (memory bounded
+//!     by `max_pending_write_bytes` in every mode), deadlines, how it ends.
 //! - [`metrics`]: every metric defined once; per-worker counters summed at scrape
 //!   time; the Prometheus text format; `process_*` figures from /proc.
 //! - [`http`]: the tiny_http sidecar (`/metrics`, `/-/healthy`, `/-/ready`, `/`),

@@ -332,7 +332,7 @@ proptest! {
 /// over a year (the longest duration a string may give) and the largest TOML
 /// integer were both accepted, printed as `"31536001s"` / `"9223372036854775807s"`,
 /// and then refused when read back; the huge one also overflowed `Instant` in the
-/// workers (see `tests/reliability.rs`).
+/// workers (see `tests/config_errors.rs`).
 #[test]
 fn regression_integer_timeouts_round_trip_through_to_toml_or_are_refused() {
     use sockpool::config::Config;
