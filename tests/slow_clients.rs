@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     ack, assert_served, closed, end_case, heavy, metric_value, read_exact_bytes, read_to_eof,
-    read_until_closed, rss, Server, WAIT,
+    read_until_closed, rss, wait_until, Server, WAIT,
 };
 use socket2::{Domain, Socket, Type};
 
@@ -461,4 +461,58 @@ fn regression_line_framing_memory_is_bounded_by_max_pending_write_bytes() {
     );
     drop(clients);
     end_case(&server, 0.0);
+}
+
+/// With the queue full the server stops reading (edge-triggered: no new edge will
+/// come for bytes already in the kernel) and keeps the undecoded rest of a read.
+/// A client that starts reading late must still get every reply, in order: the
+/// server resumes reading and decoding by itself once the queue drains.
+#[test]
+fn a_client_that_reads_late_gets_every_reply_after_the_queue_filled() {
+    const LINES: usize = 1_000_000;
+    for mode in [&["--framing", "line"][..], &["--mode", "echo"][..]] {
+        let server = start_with_small_queue(mode);
+        let echo = mode.contains(&"echo");
+        // A 4 KiB receive buffer: the replies (20 MB of acks) cannot all hide in
+        // the kernel, so the server's queue fills and it stops reading.
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&server.addr.into()).unwrap();
+        let c: TcpStream = s.into();
+        let mut writer = c.try_clone().unwrap();
+        let input: Vec<u8> = (0..LINES)
+            .flat_map(|i| format!("{}\n", i % 10).into_bytes())
+            .collect();
+        let sent = input.clone();
+        let t = std::thread::spawn(move || {
+            writer.write_all(&sent).unwrap();
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        // Let the server fill its queue and stop reading before we read a byte
+        // (how long this takes does not matter: the check is on the bytes).
+        wait_until("the server to stop reading", || {
+            let got = server.metric("sockpool_received_bytes_total");
+            std::thread::sleep(Duration::from_millis(100));
+            got > 0.0 && server.metric("sockpool_received_bytes_total") == got
+        });
+        let mut reader = c;
+        reader.set_read_timeout(Some(WAIT)).unwrap();
+        let got = read_to_eof(&mut reader);
+        t.join().unwrap();
+        let want: Vec<u8> = if echo {
+            input
+        } else {
+            (0..LINES)
+                .flat_map(|i| ack(format!("{}", i % 10)))
+                .collect()
+        };
+        assert!(
+            got == want,
+            "{mode:?}: got {} of {} bytes",
+            got.len(),
+            want.len()
+        );
+        server.wait_metric(&closed("client_closed"), |v| v == 1.0);
+        end_case(&server, 0.0);
+    }
 }

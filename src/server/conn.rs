@@ -280,11 +280,12 @@ impl Conn {
             if let Err(next) = answered {
                 return next;
             }
-            if stop_short && n < want {
+            if stop_short && n < want && self.held.is_empty() {
                 // A short read emptied the socket buffer. On Linux, epoll's edge
                 // trigger fires again for any byte or FIN that arrives after this
                 // read, so we can skip the read that would only say EAGAIN. (A FIN
-                // that was already there is `ReadHint::Closed`.)
+                // that was already there is `ReadHint::Closed`.) Not with input
+                // kept: no edge would announce it, so the loop decodes it first.
                 return Next::Wait;
             }
         }
@@ -451,4 +452,119 @@ pub fn is_reset(e: &io::Error) -> bool {
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionAborted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::server::admission::Admission;
+    use std::sync::Arc;
+
+    /// A connection whose queue filled while the rest of a read was kept undecoded,
+    /// with nothing left in the kernel: the only event it will ever get is a
+    /// writable edge (the client read). That alone must flush, resume, and decode
+    /// what was kept, turn after turn, until every reply has gone out.
+    #[test]
+    fn a_paused_connection_resumes_on_a_writable_edge_alone() {
+        const INPUT: usize = 1000;
+        let want: Vec<u8> = b"Server received \"\"\n".repeat(INPUT);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // The smallest buffers the kernel allows, so that the replies cannot all
+        // hide in the two sockets.
+        client.set_recv_buffer_size(1).unwrap();
+        client
+            .connect(&listener.local_addr().unwrap().into())
+            .unwrap();
+        let mut client: std::net::TcpStream = client.into();
+        let (accepted, peer) = listener.accept().unwrap();
+        socket2::SockRef::from(&accepted)
+            .set_send_buffer_size(1)
+            .unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let admission = Arc::new(Admission::new(1, 0, Arc::new(Metrics::new(1, 1))));
+        let limits = Limits {
+            codec: Codec::AckLine { max_line_bytes: 64 },
+            max_pending_write_bytes: 1024,
+            idle_timeout: None,
+            write_timeout: None,
+        };
+        let mut conn = Conn::new(
+            TcpStream::from_std(accepted),
+            peer,
+            admission.admit(peer.ip()).unwrap(),
+            1,
+            limits.codec,
+            Instant::now(),
+        );
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut scratch = Vec::new();
+        let mut counters = LocalCounters::default();
+        let mut drive = |conn: &mut Conn, hint: ReadHint| {
+            let mut ctx = Ctx {
+                buf: &mut buf,
+                scratch: &mut scratch,
+                counters: &mut counters,
+                limits: &limits,
+                now: Instant::now(),
+            };
+            conn.drive(&mut ctx, hint)
+        };
+        std::io::Write::write_all(&mut client, &[b'\n'; INPUT]).unwrap();
+        // Readable events (and the worker's next-turn drives) until all the input
+        // has left the kernel (one read takes it, as it fits the room) and the
+        // connection waits.
+        let mut hint = ReadHint::Readable;
+        for _ in 0..1000 {
+            match drive(&mut conn, hint) {
+                Next::Again => hint = ReadHint::Closed,
+                Next::Wait if conn.bytes_in == INPUT as u64 => break,
+                Next::Wait => hint = ReadHint::Readable,
+                Next::Close(reason) => panic!("closed: {reason:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(conn.bytes_in, INPUT as u64);
+        assert!(conn.held() > 0, "the replies all fit: nothing was kept");
+        assert!(
+            conn.owed() > 0,
+            "{} bytes kept with nothing owed: no event would ever decode them",
+            conn.held()
+        );
+        // From now on only writable edges: the client reads what arrived.
+        client.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut idle_rounds = 0;
+        while got.len() < want.len() {
+            let before = got.len();
+            let mut chunk = [0u8; 8192];
+            loop {
+                match std::io::Read::read(&mut client, &mut chunk) {
+                    Ok(0) => panic!("closed"),
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(drive(&mut conn, ReadHint::Idle), Next::Wait);
+            idle_rounds = if got.len() == before {
+                idle_rounds + 1
+            } else {
+                0
+            };
+            assert!(
+                idle_rounds < 200,
+                "stalled at {} of {} bytes, {} kept, {} owed",
+                got.len(),
+                want.len(),
+                conn.held(),
+                conn.owed()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(got == want, "{} bytes differ", got.len());
+        assert_eq!((conn.held(), conn.owed()), (0, 0));
+    }
 }
