@@ -469,7 +469,10 @@ const PANEL_METRICS: &[(&str, &[&str])] = &[
     ),
     (
         "Share by instance",
-        &["sockpool_messages_total", "sockpool_connections_accepted_total"],
+        &[
+            "sockpool_messages_total",
+            "sockpool_connections_accepted_total",
+        ],
     ),
     (
         "Bytes in/out per second",
@@ -661,8 +664,10 @@ fn dashboard_panels_have_title_unit_description_and_datasource() {
 fn dashboard_queries_are_filtered_by_job_and_instance() {
     let d = dashboard();
     let known: BTreeSet<&str> = METRICS.iter().chain(FLEET_METRICS).copied().collect();
-    let labels: BTreeSet<&str> =
-        ["instance", "job", "le", "reason", "server", "version", "worker"].into();
+    let labels: BTreeSet<&str> = [
+        "instance", "job", "le", "reason", "server", "version", "worker",
+    ]
+    .into();
     for (panel, target) in targets(&d) {
         let expr = target["expr"].as_str().unwrap_or("");
         let s = scan(expr);
