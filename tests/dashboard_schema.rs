@@ -240,24 +240,24 @@ fn a_wrong_enum_value_is_caught_at_each_level() {
         // Panel options: the legend sits at the bottom or the right.
         (
             Box::new(move |d| d["panels"][ts]["options"]["legend"]["placement"] = "top".into()),
-            "'top' is not one of ['bottom', 'right']",
+            ".options.legend.placement: 'top' is not one of",
         ),
         // Custom field options.
         (
             Box::new(move |d| {
                 d["panels"][ts]["fieldConfig"]["defaults"]["custom"]["drawStyle"] = "lines".into()
             }),
-            "'lines' is not one of ['line', 'bars', 'points']",
+            ".fieldConfig.defaults.custom.drawStyle: 'lines' is not one of",
         ),
         // Stat options.
         (
             Box::new(move |d| d["panels"][stat]["options"]["colorMode"] = "colour".into()),
-            "'colour' is not one of",
+            ".options.colorMode: 'colour' is not one of",
         ),
         // The Prometheus query model.
         (
             Box::new(move |d| d["panels"][ts]["targets"][0]["format"] = "timeseries".into()),
-            "'timeseries' is not one of ['time_series', 'table', 'heatmap']",
+            ".targets[0].format: 'timeseries' is not one of",
         ),
     ];
     for (mutate, want) in cases {
