@@ -73,6 +73,9 @@ fn errors_after(mutate: impl FnOnce(&mut Value)) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A change to the dashboard that the schemas must reject.
+type Mutation = Box<dyn FnOnce(&mut Value)>;
+
 fn rename(obj: &mut Value, from: &str, to: &str) {
     let map = obj.as_object_mut().expect("an object");
     let v = map
@@ -231,7 +234,7 @@ fn a_wrong_enum_value_is_caught_at_each_level() {
     }
     let ts = first_panel(&shipped(), "timeseries");
     let stat = first_panel(&shipped(), "stat");
-    let cases: Vec<(Box<dyn FnOnce(&mut Value)>, &str)> = vec![
+    let cases: Vec<(Mutation, &str)> = vec![
         // The dashboard kind: graphTooltip is 0, 1 or 2.
         (
             Box::new(|d| d["graphTooltip"] = serde_json::json!(3)),
