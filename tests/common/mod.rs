@@ -461,3 +461,6 @@ pub fn reset(s: TcpStream) {
     sock.set_linger(Some(Duration::ZERO)).unwrap();
     drop(sock);
 }
+
+/// A real Prometheus for the tests (tests/common/prometheus.rs).
+pub mod prometheus;
