@@ -60,13 +60,15 @@ impl Podman {
             .arg(self.dir.path().join("root"))
             .arg("--runroot")
             .arg(self.dir.path().join("runroot"))
+            .arg("--tmpdir")
+            .arg(self.dir.path().join("tmp"))
             .args([
                 "--storage-driver",
                 "vfs",
                 "--cgroup-manager",
                 "cgroupfs",
                 "--events-backend",
-                "file",
+                "none",
             ])
             .env("TMPDIR", self.dir.path());
         c
