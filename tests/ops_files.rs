@@ -390,8 +390,23 @@ const METRICS: &[&str] = &[
     "process_start_time_seconds",
 ];
 
-/// The rows, RED then USE, and the panels each holds, in order.
+/// What the Fleet row selects besides sockpool's own metrics: Prometheus's `up`, and
+/// HAProxy's exporter for readiness (sockpool exports no readiness metric).
+const FLEET_METRICS: &[&str] = &["up", "haproxy_server_status"];
+
+/// The rows, the fleet first, then RED then USE, and the panels each holds, in order.
 const ROWS: &[(&str, &[&str])] = &[
+    (
+        "Fleet",
+        &[
+            "Instances up",
+            "Instances not ready",
+            "Restarts",
+            "Fleet messages/s",
+            "Fleet connections",
+            "Share by instance",
+        ],
+    ),
     (
         "Traffic",
         &[
@@ -440,6 +455,25 @@ const ROWS: &[(&str, &[&str])] = &[
 
 /// Panels whose point is to set metrics side by side, and the metrics each must show.
 const PANEL_METRICS: &[(&str, &[&str])] = &[
+    ("Instances up", &["up"]),
+    ("Instances not ready", &["haproxy_server_status"]),
+    ("Restarts", &["process_start_time_seconds"]),
+    ("Fleet messages/s", &["sockpool_messages_total"]),
+    (
+        "Fleet connections",
+        &[
+            "sockpool_connections_active",
+            "sockpool_connections_max",
+            "sockpool_connections_accepted_total",
+        ],
+    ),
+    (
+        "Share by instance",
+        &[
+            "sockpool_messages_total",
+            "sockpool_connections_accepted_total",
+        ],
+    ),
     (
         "Bytes in/out per second",
         &["sockpool_received_bytes_total", "sockpool_sent_bytes_total"],
@@ -629,8 +663,11 @@ fn dashboard_panels_have_title_unit_description_and_datasource() {
 #[test]
 fn dashboard_queries_are_filtered_by_job_and_instance() {
     let d = dashboard();
-    let known: BTreeSet<&str> = METRICS.iter().copied().collect();
-    let labels: BTreeSet<&str> = ["instance", "job", "le", "reason", "version", "worker"].into();
+    let known: BTreeSet<&str> = METRICS.iter().chain(FLEET_METRICS).copied().collect();
+    let labels: BTreeSet<&str> = [
+        "instance", "job", "le", "reason", "server", "version", "worker",
+    ]
+    .into();
     for (panel, target) in targets(&d) {
         let expr = target["expr"].as_str().unwrap_or("");
         let s = scan(expr);
@@ -641,7 +678,14 @@ fn dashboard_queries_are_filtered_by_job_and_instance() {
                 "{panel}: {} is not a sockpool metric",
                 sel.name
             );
-            for m in [r#"job=~"$job""#, r#"instance=~"$instance""#] {
+            // HAProxy's series carry HAProxy's job and instance; they are selected by the
+            // backend name of config/haproxy/haproxy.cfg instead.
+            let wanted: &[&str] = if sel.name.starts_with("haproxy_") {
+                &[r#"proxy="sockpool""#]
+            } else {
+                &[r#"job=~"$job""#, r#"instance=~"$instance""#]
+            };
+            for m in wanted {
                 assert!(
                     sel.matchers.contains(m),
                     "{panel}: {}{{{}}} lacks {m}",

@@ -564,3 +564,5 @@ static HEAVY: Mutex<()> = Mutex::new(());
 pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(PoisonError::into_inner)
 }
+/// A real Prometheus for the tests (tests/common/prometheus.rs).
+pub mod prometheus;
