@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use sockpool::config::{Config, ServeFlags, DEFAULT_CONFIG_FILE};
+use sockpool::config::{Config, ServeFlags};
 use sockpool::notify::Notifier;
 use sockpool::{bench, client, config, logging, server};
 
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => bench::main(args),
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::PrintDefaultConfig) => {
-            print!("{DEFAULT_CONFIG_FILE}");
+            print!("{}", config::default_file());
             ExitCode::SUCCESS
         }
     }
