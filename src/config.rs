@@ -86,9 +86,7 @@ impl std::str::FromStr for Cidr {
         let width: u8 = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => width,
-            Some(p) if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) => {
-                return Err(bad())
-            }
+            Some(p) if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) => return Err(bad()),
             Some(p) => match p.parse::<u8>() {
                 Ok(n) if n <= width => n,
                 _ => return Err(format!("the prefix length must be at most {width}")),
@@ -689,7 +687,11 @@ pub static KEYS: &[Key] = &[
               Set net.ipv4.tcp_migrate_req = 1 too, or connections queued on the old\n\
               instance when it closes its listener are lost (see the README).",
         example: None,
-        flag: switch("--reuse-port", true, "Let a new instance bind the port while this one drains"),
+        flag: switch(
+            "--reuse-port",
+            true,
+            "Let a new instance bind the port while this one drains",
+        ),
         set: |c, r| Ok(c.server.reuse_port = r.boolean()?),
         get: |c| boolean(c.server.reuse_port),
     },
@@ -698,7 +700,11 @@ pub static KEYS: &[Key] = &[
         doc: "Expect a PROXY v1/v2 header (HAProxy send-proxy[-v2]) on every connection.\n\
               The address in it is the client for logs and max_connections_per_ip.",
         example: None,
-        flag: switch("--proxy-protocol", true, "Expect a PROXY v1/v2 header on every connection"),
+        flag: switch(
+            "--proxy-protocol",
+            true,
+            "Expect a PROXY v1/v2 header on every connection",
+        ),
         set: |c, r| Ok(c.server.proxy_protocol = r.boolean()?),
         get: |c| boolean(c.server.proxy_protocol),
     },
@@ -711,7 +717,9 @@ pub static KEYS: &[Key] = &[
         set: |c, r| Ok(c.server.proxy_trusted = r.cidrs()?),
         get: |c| {
             let items = c.server.proxy_trusted.iter();
-            Some(toml::Value::Array(items.map(|b| toml::Value::String(b.to_string())).collect()))
+            Some(toml::Value::Array(
+                items.map(|b| toml::Value::String(b.to_string())).collect(),
+            ))
         },
     },
     Key {
@@ -781,7 +789,11 @@ pub static KEYS: &[Key] = &[
               but keep accepting and serving this long, so that a load balancer's health\n\
               check takes the instance out before it stops accepting.",
         example: None,
-        flag: value("--shutdown-drain-delay", "DUR", "Keep accepting this long after SIGTERM, not ready"),
+        flag: value(
+            "--shutdown-drain-delay",
+            "DUR",
+            "Keep accepting this long after SIGTERM, not ready",
+        ),
         set: |c, r| Ok(c.shutdown.drain_delay = r.duration()?),
         get: |c| delay(c.shutdown.drain_delay),
     },
@@ -791,7 +803,11 @@ pub static KEYS: &[Key] = &[
               open connections get this long to finish. The rest are closed. A second\n\
               signal exits at once.",
         example: None,
-        flag: value("--shutdown-grace", "DUR", "Time for connections to finish after the listener closes"),
+        flag: value(
+            "--shutdown-grace",
+            "DUR",
+            "Time for connections to finish after the listener closes",
+        ),
         set: |c, r| Ok(c.shutdown.grace = r.duration()?),
         get: |c| delay(c.shutdown.grace),
     },
@@ -816,7 +832,11 @@ pub static KEYS: &[Key] = &[
         name: "metrics.listen",
         doc: "Loopback by default: widen it on purpose.",
         example: None,
-        flag: value("--metrics-listen", "ADDR", "Address of the metrics HTTP server"),
+        flag: value(
+            "--metrics-listen",
+            "ADDR",
+            "Address of the metrics HTTP server",
+        ),
         set: |c, r| Ok(c.metrics.listen = r.addr()?),
         get: |c| text(c.metrics.listen),
     },
@@ -833,7 +853,11 @@ pub static KEYS: &[Key] = &[
         name: "log.level",
         doc: "error | warn | info | debug | trace",
         example: None,
-        flag: value("--log-level", "LEVEL", "error | warn | info | debug | trace"),
+        flag: value(
+            "--log-level",
+            "LEVEL",
+            "error | warn | info | debug | trace",
+        ),
         set: |c, r| Ok(c.log.level = r.choice(&LOG_LEVELS)?),
         get: |c| text(c.log.level.to_string().to_lowercase()),
     },
@@ -1088,7 +1112,9 @@ impl clap::Args for ServeFlags {
                 FlagKind::Switch(to) => format!("{} [{} = {to}]", flag.help, k.name),
                 FlagKind::Value(_) => format!("{} [{}]", flag.help, k.name),
             };
-            let arg = clap::Arg::new(k.name).long(flag.long.trim_start_matches('-')).help(help);
+            let arg = clap::Arg::new(k.name)
+                .long(flag.long.trim_start_matches('-'))
+                .help(help);
             cmd = cmd.arg(match flag.kind {
                 FlagKind::Value(name) => arg.value_name(name).action(clap::ArgAction::Set),
                 FlagKind::Switch(_) => arg.action(clap::ArgAction::SetTrue),
@@ -1180,7 +1206,10 @@ mod tests {
         let mut back = Config::default();
         back.merge_toml(&shown, "back").unwrap();
         assert_eq!(back, c, "{shown}");
-        assert!(shown.contains("busy_message = \"full\\t\\u0001\""), "{shown}");
+        assert!(
+            shown.contains("busy_message = \"full\\t\\u0001\""),
+            "{shown}"
+        );
         assert!(
             shown.contains("proxy_trusted = [\"10.0.0.0/8\", \"fd00::/8\", \"192.0.2.7/32\"]"),
             "{shown}"
@@ -1242,7 +1271,9 @@ mod tests {
         let mut c = Config::default();
         c.merge_toml("[server]\nproxy_trusted = []", "f").unwrap();
         assert!(!c.server.proxy_trusts("127.0.0.1".parse().unwrap()));
-        assert!(Config::default().server.proxy_trusts("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(Config::default()
+            .server
+            .proxy_trusts("::ffff:127.0.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -115,6 +115,7 @@ fn serve(flags: &ServeFlags) -> ExitCode {
     let trigger = running.trigger();
     let signals_handle = signals.handle();
     let grace = config::format_duration(config.shutdown.grace);
+    let delay = config::format_duration(config.shutdown.drain_delay);
     let watcher = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -131,7 +132,7 @@ fn serve(flags: &ServeFlags) -> ExitCode {
                 stops += 1;
                 if stops == 1 {
                     log::info!(
-                        "{name} received: stopping (grace {grace}; a second signal exits at once)"
+                        "{name} received: stopping (drain delay {delay}, grace {grace}; a second signal exits at once)"
                     );
                     notifier.notify("STOPPING=1\nSTATUS=draining connections");
                     trigger.fire();
