@@ -1277,6 +1277,43 @@ mod tests {
     }
 
     #[test]
+    fn serve_flags_come_from_the_table_and_set_their_keys() {
+        use clap::{Args, FromArgMatches};
+        let cmd = ServeFlags::augment_args(clap::Command::new("serve"));
+        let m = cmd
+            .try_get_matches_from([
+                "serve",
+                "--config",
+                "c.toml",
+                "--reuse-port",
+                "--proxy-protocol",
+                "--shutdown-drain-delay",
+                "2s",
+                "--no-metrics",
+                "--workers",
+                "3",
+            ])
+            .unwrap();
+        let flags = ServeFlags::from_arg_matches(&m).unwrap();
+        assert_eq!(flags.config.as_deref(), Some(Path::new("c.toml")));
+        let given: Vec<_> = flags.overrides().iter().map(|(f, k, _)| (*f, *k)).collect();
+        assert_eq!(
+            given,
+            [
+                ("--workers", "server.workers"),
+                ("--reuse-port", "server.reuse_port"),
+                ("--proxy-protocol", "server.proxy_protocol"),
+                ("--shutdown-drain-delay", "shutdown.drain_delay"),
+                ("--no-metrics", "metrics.enabled"),
+            ]
+        );
+        let c = Config::load(None, &flags.overrides()).unwrap();
+        assert!(c.server.reuse_port && c.server.proxy_protocol && !c.metrics.enabled);
+        assert_eq!(c.shutdown.drain_delay, Duration::from_secs(2));
+        assert_eq!(c.server.workers, 3);
+    }
+
+    #[test]
     fn every_flag_is_unique_and_names_a_key() {
         let mut seen = std::collections::HashSet::new();
         for k in KEYS {
