@@ -621,7 +621,7 @@ pub static KEYS: &[Key] = &[
               Under systemd socket activation the inherited socket is used instead.",
         example: None,
         flag: value("--listen", "ADDR", "Address to accept clients on"),
-        set: |c, r| Ok(c.server.listen = r.addr()?),
+        set: |c, r| put(&mut c.server.listen, r.addr()?),
         get: |c| text(c.server.listen),
     },
     Key {
@@ -629,7 +629,7 @@ pub static KEYS: &[Key] = &[
         doc: "Worker threads, each driving many connections. 0 = one per CPU core.",
         example: None,
         flag: value("--workers", "N", "Worker threads, 0 = one per core"),
-        set: |c, r| Ok(c.server.workers = r.count(0, MAX_WORKERS)? as usize),
+        set: |c, r| put(&mut c.server.workers, r.count(0, MAX_WORKERS)? as usize),
         get: |c| int(c.server.workers),
     },
     Key {
@@ -639,7 +639,12 @@ pub static KEYS: &[Key] = &[
               to the hard limit at start).",
         example: None,
         flag: value("--max-connections", "N", "Most connections open at once"),
-        set: |c, r| Ok(c.server.max_connections = r.count(1, 10_000_000)? as usize),
+        set: |c, r| {
+            put(
+                &mut c.server.max_connections,
+                r.count(1, 10_000_000)? as usize,
+            )
+        },
         get: |c| int(c.server.max_connections),
     },
     Key {
@@ -647,7 +652,12 @@ pub static KEYS: &[Key] = &[
         doc: "Most connections open at once from one IP address. 0 = unlimited.",
         example: None,
         flag: None,
-        set: |c, r| Ok(c.server.max_connections_per_ip = r.count(0, 10_000_000)? as usize),
+        set: |c, r| {
+            put(
+                &mut c.server.max_connections_per_ip,
+                r.count(0, 10_000_000)? as usize,
+            )
+        },
         get: |c| int(c.server.max_connections_per_ip),
     },
     Key {
@@ -655,7 +665,7 @@ pub static KEYS: &[Key] = &[
         doc: "Length of the kernel's queue of connections waiting to be accepted.",
         example: None,
         flag: None,
-        set: |c, r| Ok(c.server.backlog = r.count(1, 65_535)? as u32),
+        set: |c, r| put(&mut c.server.backlog, r.count(1, 65_535)? as u32),
         get: |c| int(c.server.backlog),
     },
     Key {
@@ -678,7 +688,7 @@ pub static KEYS: &[Key] = &[
         doc: "Disable Nagle's algorithm, so that small replies leave at once.",
         example: None,
         flag: None,
-        set: |c, r| Ok(c.server.tcp_nodelay = r.boolean()?),
+        set: |c, r| put(&mut c.server.tcp_nodelay, r.boolean()?),
         get: |c| boolean(c.server.tcp_nodelay),
     },
     Key {
@@ -692,7 +702,7 @@ pub static KEYS: &[Key] = &[
             true,
             "Let a new instance bind the port while this one drains",
         ),
-        set: |c, r| Ok(c.server.reuse_port = r.boolean()?),
+        set: |c, r| put(&mut c.server.reuse_port, r.boolean()?),
         get: |c| boolean(c.server.reuse_port),
     },
     Key {
@@ -705,7 +715,7 @@ pub static KEYS: &[Key] = &[
             true,
             "Expect a PROXY v1/v2 header on every connection",
         ),
-        set: |c, r| Ok(c.server.proxy_protocol = r.boolean()?),
+        set: |c, r| put(&mut c.server.proxy_protocol, r.boolean()?),
         get: |c| boolean(c.server.proxy_protocol),
     },
     Key {
@@ -714,7 +724,7 @@ pub static KEYS: &[Key] = &[
               are rejected.",
         example: None,
         flag: None,
-        set: |c, r| Ok(c.server.proxy_trusted = r.cidrs()?),
+        set: |c, r| put(&mut c.server.proxy_trusted, r.cidrs()?),
         get: |c| {
             let items = c.server.proxy_trusted.iter();
             Some(toml::Value::Array(
@@ -728,7 +738,12 @@ pub static KEYS: &[Key] = &[
               \"echo\": send every byte back unchanged (RFC 862).",
         example: None,
         flag: value("--mode", "MODE", "ack | echo"),
-        set: |c, r| Ok(c.connection.mode = r.choice(&[("ack", Mode::Ack), ("echo", Mode::Echo)])?),
+        set: |c, r| {
+            put(
+                &mut c.connection.mode,
+                r.choice(&[("ack", Mode::Ack), ("echo", Mode::Echo)])?,
+            )
+        },
         get: |c| match c.connection.mode {
             Mode::Ack => text("ack"),
             Mode::Echo => text("echo"),
@@ -742,7 +757,7 @@ pub static KEYS: &[Key] = &[
         flag: value("--framing", "FRAMING", "read | line"),
         set: |c, r| {
             let options = [("read", Framing::Read), ("line", Framing::Line)];
-            Ok(c.connection.framing = r.choice(&options)?)
+            put(&mut c.connection.framing, r.choice(&options)?)
         },
         get: |c| match c.connection.framing {
             Framing::Read => text("read"),
@@ -755,7 +770,12 @@ pub static KEYS: &[Key] = &[
               \"ERROR line too long\" and the connection is closed.",
         example: None,
         flag: value("--max-line-bytes", "N", "Longest line in line framing"),
-        set: |c, r| Ok(c.connection.max_line_bytes = r.count(1, 1 << 30)? as usize),
+        set: |c, r| {
+            put(
+                &mut c.connection.max_line_bytes,
+                r.count(1, 1 << 30)? as usize,
+            )
+        },
         get: |c| int(c.connection.max_line_bytes),
     },
     Key {
@@ -764,7 +784,12 @@ pub static KEYS: &[Key] = &[
               reading from it until it catches up.",
         example: None,
         flag: None,
-        set: |c, r| Ok(c.connection.max_pending_write_bytes = r.count(1024, 1 << 32)? as usize),
+        set: |c, r| {
+            put(
+                &mut c.connection.max_pending_write_bytes,
+                r.count(1024, 1 << 32)? as usize,
+            )
+        },
         get: |c| int(c.connection.max_pending_write_bytes),
     },
     Key {
@@ -772,7 +797,7 @@ pub static KEYS: &[Key] = &[
         doc: "Close a connection after this long with no byte received and nothing owed.",
         example: None,
         flag: value("--idle-timeout", "DUR", "e.g. 60s; 0 disables"),
-        set: |c, r| Ok(c.connection.idle_timeout = r.timeout()?),
+        set: |c, r| put(&mut c.connection.idle_timeout, r.timeout()?),
         get: |c| dur(c.connection.idle_timeout),
     },
     Key {
@@ -780,7 +805,7 @@ pub static KEYS: &[Key] = &[
         doc: "Close a connection after this long with bytes owed and no write progress.",
         example: None,
         flag: value("--write-timeout", "DUR", "e.g. 30s; 0 disables"),
-        set: |c, r| Ok(c.connection.write_timeout = r.timeout()?),
+        set: |c, r| put(&mut c.connection.write_timeout, r.timeout()?),
         get: |c| dur(c.connection.write_timeout),
     },
     Key {
@@ -794,7 +819,7 @@ pub static KEYS: &[Key] = &[
             "DUR",
             "Keep accepting this long after SIGTERM, not ready",
         ),
-        set: |c, r| Ok(c.shutdown.drain_delay = r.duration()?),
+        set: |c, r| put(&mut c.shutdown.drain_delay, r.duration()?),
         get: |c| delay(c.shutdown.drain_delay),
     },
     Key {
@@ -808,7 +833,7 @@ pub static KEYS: &[Key] = &[
             "DUR",
             "Time for connections to finish after the listener closes",
         ),
-        set: |c, r| Ok(c.shutdown.grace = r.duration()?),
+        set: |c, r| put(&mut c.shutdown.grace, r.duration()?),
         get: |c| delay(c.shutdown.grace),
     },
     Key {
@@ -817,7 +842,7 @@ pub static KEYS: &[Key] = &[
               final scrape sees the drain (/-/ready stays 503).",
         example: None,
         flag: None,
-        set: |c, r| Ok(c.shutdown.metrics_linger = r.duration()?),
+        set: |c, r| put(&mut c.shutdown.metrics_linger, r.duration()?),
         get: |c| delay(c.shutdown.metrics_linger),
     },
     Key {
@@ -825,7 +850,7 @@ pub static KEYS: &[Key] = &[
         doc: "Serve Prometheus metrics, /-/healthy and /-/ready over HTTP.",
         example: None,
         flag: switch("--no-metrics", false, "Do not serve metrics"),
-        set: |c, r| Ok(c.metrics.enabled = r.boolean()?),
+        set: |c, r| put(&mut c.metrics.enabled, r.boolean()?),
         get: |c| boolean(c.metrics.enabled),
     },
     Key {
@@ -837,7 +862,7 @@ pub static KEYS: &[Key] = &[
             "ADDR",
             "Address of the metrics HTTP server",
         ),
-        set: |c, r| Ok(c.metrics.listen = r.addr()?),
+        set: |c, r| put(&mut c.metrics.listen, r.addr()?),
         get: |c| text(c.metrics.listen),
     },
     Key {
@@ -846,7 +871,12 @@ pub static KEYS: &[Key] = &[
               the token; surrounding whitespace is ignored.",
         example: Some("/etc/sockpool/metrics.token"),
         flag: None,
-        set: |c, r| Ok(c.metrics.bearer_token_file = Some(PathBuf::from(r.text()?))),
+        set: |c, r| {
+            put(
+                &mut c.metrics.bearer_token_file,
+                Some(PathBuf::from(r.text()?)),
+            )
+        },
         get: |c| path(&c.metrics.bearer_token_file),
     },
     Key {
@@ -858,7 +888,7 @@ pub static KEYS: &[Key] = &[
             "LEVEL",
             "error | warn | info | debug | trace",
         ),
-        set: |c, r| Ok(c.log.level = r.choice(&LOG_LEVELS)?),
+        set: |c, r| put(&mut c.log.level, r.choice(&LOG_LEVELS)?),
         get: |c| text(c.log.level.to_string().to_lowercase()),
     },
     Key {
@@ -868,10 +898,16 @@ pub static KEYS: &[Key] = &[
               LogsDirectory=sockpool to the unit and use /var/log/sockpool/sockpool.log.",
         example: Some("/var/log/sockpool.log"),
         flag: value("--log-file", "PATH", "Also append logs to this file"),
-        set: |c, r| Ok(c.log.file = Some(PathBuf::from(r.text()?))),
+        set: |c, r| put(&mut c.log.file, Some(PathBuf::from(r.text()?))),
         get: |c| path(&c.log.file),
     },
 ];
+
+/// Stores a parsed value: the end of every row's `set`.
+fn put<T>(slot: &mut T, value: T) -> Result<(), String> {
+    *slot = value;
+    Ok(())
+}
 
 /// The row of `name`, if it is a key.
 pub fn key(name: &str) -> Option<&'static Key> {
