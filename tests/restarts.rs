@@ -39,8 +39,8 @@ struct Tally {
 }
 
 /// A bounded client load: `threads` clients, each connecting, sending [`PING`],
-/// reading [`PONG`] and closing, again and again, until `stop` is set or `max`
-/// connections have been tried.
+/// reading [`PONG`] and closing, again and again (with `pause` between two), until
+/// `stop` is set or `max` connections have been tried.
 struct Load {
     stop: Arc<AtomicBool>,
     answered: Arc<AtomicU64>,
@@ -49,6 +49,10 @@ struct Load {
 
 impl Load {
     fn start(addr: SocketAddr, threads: usize, max: u32) -> Load {
+        Load::paced(addr, threads, max, Duration::ZERO)
+    }
+
+    fn paced(addr: SocketAddr, threads: usize, max: u32, pause: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicU64::new(0));
         let tried = Arc::new(AtomicU32::new(0));
@@ -72,6 +76,9 @@ impl Load {
                                 std::thread::sleep(Duration::from_millis(2));
                             }
                             Err(Outcome::Failed(what)) => tally.failed.push(what),
+                        }
+                        if !pause.is_zero() {
+                            std::thread::sleep(pause);
                         }
                     }
                     tally
@@ -420,5 +427,133 @@ fn the_drain_is_summed_up_and_metrics_linger_after_the_last_close() {
         Some(128 + 15),
         "{}",
         server.log()
+    );
+}
+
+/// Kills a child process on drop (HAProxy here).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The drain delay where it is meant to be used: behind HAProxy, whose health
+/// check reads `/-/ready`. Each of two backends is stopped (SIGTERM) and started
+/// again under a bounded, paced load through HAProxy, and no client fails or is
+/// refused: HAProxy sees 503 and takes the backend out while it still accepts, so
+/// it never sends a client to a closed listener. HAProxy has no retries here
+/// (`retries 0`, no redispatch), so a client sent to a closed listener would fail.
+/// (At this load the race without a delay is a few milliseconds wide and was not
+/// seen to fail either: this test shows the delay working, it does not measure
+/// the race.) HAProxy connects to the backends from its own source address
+/// (127.99.x.1), away from 127.0.0.1's ports.
+#[test]
+fn behind_haproxy_a_drain_delay_restarts_backends_with_no_client_error() {
+    if !common::have_tool("haproxy", "haproxy") {
+        return;
+    }
+    // Far above HAProxy's check interval (100 ms, one failure takes it out).
+    let drain_delay = "2s";
+    let args = |listen: &str, metrics: &str| -> Vec<String> {
+        [
+            "--shutdown-drain-delay",
+            drain_delay,
+            "--workers",
+            "1",
+            "--listen",
+            listen,
+            "--metrics-listen",
+            metrics,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let start = |a: &[String]| Server::start(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut backends: Vec<(Server, Vec<String>)> = (0..2)
+        .map(|_| {
+            let s = start(&args("127.0.0.1:0", "127.0.0.1:0"));
+            let a = args(&s.addr.to_string(), &s.metrics_addr.unwrap().to_string());
+            (s, a)
+        })
+        .collect();
+    let front = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let source = format!("127.99.{}.1", std::process::id() % 250);
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, (s, _))| {
+            format!(
+                "  server s{i} {} check port {}\n",
+                s.addr,
+                s.metrics_addr.unwrap().port()
+            )
+        })
+        .collect();
+    let config = format!(
+        "global\n  maxconn 4000\n\
+         defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 20s\n  timeout server 20s\n  \
+         retries 0\n\
+         frontend fe\n  bind {front}\n  default_backend be\n\
+         backend be\n  source {source}\n  option httpchk GET /-/ready\n  \
+         default-server inter 100ms fall 1 rise 1\n{servers}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(&dir, "haproxy.cfg", &config);
+    let check = std::process::Command::new("haproxy")
+        .args(["-c", "-f", &cfg])
+        .output()
+        .expect("haproxy -c");
+    common::assert_success("haproxy -c", &check);
+    let _haproxy = Reaped(
+        std::process::Command::new("haproxy")
+            .args(["-db", "-f", &cfg])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn haproxy"),
+    );
+    // HAProxy is up once it answers through to a backend.
+    let deadline = Instant::now() + WAIT;
+    while one_client(front, NEXT_SOURCE.fetch_add(1, Ordering::Relaxed)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "HAProxy never answered on {front}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Paced, so that the load outlasts two restarts without piling up connections.
+    let load = Load::paced(front, 8, 20_000, Duration::from_millis(10));
+    load.wait_answered(200);
+    for (old, args) in backends.iter_mut() {
+        old.signal(Signal::TERM);
+        assert_eq!(old.wait_exit().code(), Some(0), "{}", old.log());
+        let log = old.log();
+        assert!(log.contains("drain done:"), "{log}");
+        // The same ports again: a restart.
+        *old = start(args);
+        // Back in rotation once HAProxy's check has seen it ready and sent it clients.
+        old.wait_metric("sockpool_connections_accepted_total", |v| v >= 20.0);
+    }
+    let after = load.answered();
+    load.wait_answered(after + 200);
+    let tally = load.finish();
+    eprintln!(
+        "behind HAProxy, two backend restarts: answered {} refused {} failed {}",
+        tally.answered,
+        tally.refused,
+        tally.failed.len()
+    );
+    assert!(
+        tally.failed.is_empty() && tally.refused == 0,
+        "{} refused, {} failed:\n{}",
+        tally.refused,
+        tally.failed.len(),
+        tally.failed.join("\n")
     );
 }

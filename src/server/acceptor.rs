@@ -163,7 +163,9 @@ impl Acceptor {
             self.accept_batch();
             let waited = started.elapsed();
             if waited >= listen::HANDSHAKE_SETTLE {
-                match listen::handshakes_in_flight(port) {
+                let in_flight = listen::handshakes_in_flight(port);
+                log::debug!("handshakes under way after {waited:?}: {in_flight:?}");
+                match in_flight {
                     Some(0) => break,
                     None if waited >= listen::HANDSHAKE_SETTLE * 5 => break,
                     _ if waited >= listen::HANDSHAKE_WAIT_MAX => {

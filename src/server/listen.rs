@@ -253,16 +253,30 @@ pub fn refuse_new_handshakes(listener: &impl std::os::fd::AsFd) -> io::Result<()
     SockRef::from(listener).attach_filter(&program)
 }
 
-/// Handshakes under way (SYN_RECV) to local `port`, from /proc/net/tcp and tcp6:
-/// after [`refuse_new_handshakes`], the connections that may still complete and
-/// must be accepted before the close. `None` if neither file can be read (then
-/// the caller waits a fixed time). Sockets of another process on the same port
-/// (SO_REUSEPORT) are counted too: they can only make the wait longer, up to its
-/// bound, never shorter.
+/// Handshakes under way (SYN_RECV) to local `port`: after
+/// [`refuse_new_handshakes`], the connections that may still complete and must be
+/// accepted before the close. Asked of the kernel through sock_diag netlink, which
+/// dumps only sockets in that state; where netlink is not allowed (the shipped
+/// unit's RestrictAddressFamilies=), read from /proc/net/tcp and tcp6, which lists
+/// every socket of the host and costs more with many of them. `None` if neither
+/// works (then the caller waits a fixed time). Sockets of another process on the
+/// same port (SO_REUSEPORT) are counted too: they can only make the wait longer,
+/// up to its bound, never shorter.
 pub fn handshakes_in_flight(port: u16) -> Option<usize> {
+    match sock_diag::syn_recv(port) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            log::debug!("sock_diag netlink: {e}; reading /proc/net/tcp instead");
+            proc_net_syn_recv(port)
+        }
+    }
+}
+
+/// The /proc way of [`handshakes_in_flight`].
+fn proc_net_syn_recv(port: u16) -> Option<usize> {
     /// `st` of TCP_SYN_RECV in /proc/net/tcp.
     const SYN_RECV: &str = "03";
-    let port = format!(":{port:04X}");
+    let needle = format!(":{port:04X}");
     let mut any = false;
     let mut n = 0;
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -273,15 +287,101 @@ pub fn handshakes_in_flight(port: u16) -> Option<usize> {
         n += text
             .lines()
             .skip(1)
+            .filter(|line| line.contains(&needle)) // cheap, before splitting
             .filter(|line| {
                 let mut cols = line.split_whitespace().skip(1);
                 let local = cols.next().unwrap_or("");
                 let state = cols.nth(1).unwrap_or("");
-                state == SYN_RECV && local.ends_with(&port)
+                state == SYN_RECV && local.ends_with(&needle)
             })
             .count();
     }
     any.then_some(n)
+}
+
+/// The kernel's socket dump (`sock_diag(7)`, `NETLINK_SOCK_DIAG`), asked for TCP
+/// sockets in SYN_RECV only, as plain bytes: an `inet_diag_req_v2` request per
+/// address family, `inet_diag_msg` answers.
+mod sock_diag {
+    use std::io;
+
+    use rustix::net::netlink::{SocketAddrNetlink, SOCK_DIAG};
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const NLMSG_HDR: usize = 16;
+    const IPPROTO_TCP: u8 = 6;
+    const TCP_SYN_RECV: u8 = 3;
+    /// The address families asked: AF_INET, AF_INET6.
+    const FAMILIES: [u8; 2] = [2, 10];
+
+    /// TCP sockets in SYN_RECV whose local port is `port`.
+    pub fn syn_recv(port: u16) -> io::Result<usize> {
+        let fd = rustix::net::socket_with(
+            AddressFamily::NETLINK,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            Some(SOCK_DIAG),
+        )?;
+        let kernel = SocketAddrNetlink::new(0, 0);
+        let mut count = 0;
+        let mut buf = vec![0u8; 32 * 1024];
+        for (seq, family) in FAMILIES.into_iter().enumerate() {
+            let mut req = Vec::with_capacity(NLMSG_HDR + 56);
+            req.extend_from_slice(&((NLMSG_HDR + 56) as u32).to_ne_bytes());
+            req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+            req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+            req.extend_from_slice(&(seq as u32 + 1).to_ne_bytes());
+            req.extend_from_slice(&0u32.to_ne_bytes());
+            // inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed
+            // inet_diag_sockid (48 bytes; ignored by a dump without a filter).
+            req.extend_from_slice(&[family, IPPROTO_TCP, 0, 0]);
+            req.extend_from_slice(&(1u32 << TCP_SYN_RECV).to_ne_bytes());
+            req.extend_from_slice(&[0u8; 48]);
+            rustix::net::sendto(&fd, &req, SendFlags::empty(), &kernel)?;
+            'dump: loop {
+                let (n, _) = rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty())?;
+                let mut msgs = &buf[..n];
+                while msgs.len() >= NLMSG_HDR {
+                    let len = u32::from_ne_bytes(msgs[0..4].try_into().unwrap_or([0; 4])) as usize;
+                    let kind = u16::from_ne_bytes([msgs[4], msgs[5]]);
+                    if len < NLMSG_HDR || len > msgs.len() {
+                        return Err(io::Error::other("malformed netlink message"));
+                    }
+                    match kind {
+                        NLMSG_DONE => break 'dump,
+                        NLMSG_ERROR => {
+                            let errno = msgs
+                                .get(NLMSG_HDR..NLMSG_HDR + 4)
+                                .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or([0; 4])));
+                            return Err(io::Error::from_raw_os_error(-errno));
+                        }
+                        SOCK_DIAG_BY_FAMILY => {
+                            // inet_diag_msg: family, state, timer, retrans, then
+                            // the sockid, whose first field is the local port
+                            // (network byte order).
+                            let body = &msgs[NLMSG_HDR..len];
+                            if body.len() >= 6
+                                && body[1] == TCP_SYN_RECV
+                                && u16::from_be_bytes([body[4], body[5]]) == port
+                            {
+                                count += 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                    // Messages are 4-byte aligned.
+                    let next = (len + 3) & !3;
+                    msgs = msgs.get(next..).unwrap_or(&[]);
+                }
+            }
+        }
+        Ok(count)
+    }
 }
 
 /// How long [`handshakes_in_flight`] is polled at most. A handshake whose final
@@ -300,4 +400,78 @@ pub const HANDSHAKE_SETTLE: Duration = Duration::from_millis(20);
 pub fn local_addr(l: &TcpListener) -> Result<SocketAddr, StartError> {
     l.local_addr()
         .map_err(|e| StartError(format!("listener: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A client socket whose handshake stops half-way: it drops every segment it
+    /// receives (a drop-all filter), so the server's SYN-ACK is never answered and
+    /// the server holds the connection in SYN_RECV.
+    fn half_open(addr: SocketAddr) -> Socket {
+        let c = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        c.attach_filter(&[SockFilter::new(0x06, 0, 0, 0)]).unwrap();
+        c.set_nonblocking(true).unwrap();
+        match c.connect(&addr.into()) {
+            Err(e) if e.raw_os_error() == Some(115) => {} // EINPROGRESS
+            other => panic!("connect: {other:?}"),
+        }
+        c
+    }
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn handshakes_in_flight_are_counted_by_netlink_and_by_proc() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert_eq!(sock_diag::syn_recv(addr.port()).unwrap(), 0);
+        assert_eq!(proc_net_syn_recv(addr.port()), Some(0));
+        let _a = half_open(addr);
+        let _b = half_open(addr);
+        wait_for("two in SYN_RECV (netlink)", || {
+            sock_diag::syn_recv(addr.port()).unwrap() == 2
+        });
+        assert_eq!(proc_net_syn_recv(addr.port()), Some(2));
+        assert_eq!(handshakes_in_flight(addr.port()), Some(2));
+    }
+
+    /// The filter stops new handshakes, yet one already under way still
+    /// completes (its final ACK passes) and is accepted.
+    #[test]
+    fn the_syn_filter_stops_new_handshakes_but_lets_one_under_way_complete() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let under_way = half_open(addr);
+        wait_for("the handshake under way", || {
+            sock_diag::syn_recv(addr.port()).unwrap() == 1
+        });
+        refuse_new_handshakes(&l).unwrap();
+        // A new client: its SYN is dropped, so it neither connects nor is refused.
+        let late = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        let err = late
+            .connect_timeout(&addr.into(), Duration::from_millis(300))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        // The client under way starts listening again; the server resends its
+        // SYN-ACK (about 1 s after the first), the client's ACK passes the filter.
+        under_way.detach_filter().unwrap();
+        l.set_nonblocking(true).unwrap();
+        let accepted = std::cell::RefCell::new(None);
+        wait_for("the handshake under way completes and is accepted", || {
+            *accepted.borrow_mut() = l.accept().ok();
+            accepted.borrow().is_some()
+        });
+        let (_stream, peer) = accepted.into_inner().unwrap();
+        assert_eq!(Some(peer), under_way.local_addr().unwrap().as_socket());
+        assert_eq!(handshakes_in_flight(addr.port()), Some(0));
+    }
 }
