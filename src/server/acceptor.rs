@@ -120,7 +120,7 @@ impl Acceptor {
                     break;
                 }
             }
-            // The trigger's wake-up is taken at the top of the loop.
+            // Woken by the trigger: start the drain delay's clock at the top.
             if close_at.is_none() && self.shared.stopping.load(Ordering::Acquire) {
                 continue;
             }
@@ -164,7 +164,9 @@ impl Acceptor {
             let waited = started.elapsed();
             if waited >= listen::HANDSHAKE_SETTLE {
                 let in_flight = listen::handshakes_in_flight(port);
-                log::debug!("handshakes under way after {waited:?}: {in_flight:?}");
+                if in_flight != Some(0) {
+                    log::debug!("handshakes under way after {waited:?}: {in_flight:?}");
+                }
                 match in_flight {
                     Some(0) => break,
                     None if waited >= listen::HANDSHAKE_SETTLE * 5 => break,
