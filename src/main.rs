@@ -115,7 +115,10 @@ fn serve(flags: &ServeFlags) -> ExitCode {
     let trigger = running.trigger();
     let signals_handle = signals.handle();
     let grace = config::format_duration(config.shutdown.grace);
-    let delay = config::format_duration(config.shutdown.drain_delay);
+    let delay = match config.shutdown.drain_delay.is_zero() {
+        true => "0s".to_string(),
+        false => config::format_duration(config.shutdown.drain_delay),
+    };
     let watcher = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
