@@ -7,8 +7,8 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `Config`, built-in defaults, the TOML file and flags, validation.
-//!   The only reader of config files.
+//! - [`config`]: `Config`, built-in defaults, the TOML file and flags, validation,
+//!   all driven by one table of keys. The only reader of config files.
 //! - [`protocol`]: sans-I/O codecs (ack with read or line framing, echo): bytes in,
 //!   replies out. No sockets, no clocks, no metrics; unit-, property- and
 //!   fuzz-tested.
@@ -19,6 +19,9 @@
 //!   - [`server::admission`]: `max_connections` and the per-IP table as a
 //!     `Permit` taken at accept, carried in the hand-off and the connection, and
 //!     released on drop.
+//!   - `server::listen`: the listening sockets: binding (SO_REUSEPORT), systemd
+//!     socket activation, and the SYN-dropping filter that lets the last accepts
+//!     empty the queue before the close.
 //!   - `server::worker`: one worker thread: its mio `Poll`, its connections, their
 //!     timers, the read buffer they share.
 //!   - [`server::conn`]: one connection: bytes owed, flow control (memory bounded

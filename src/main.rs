@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use sockpool::config::{Config, ServeFlags, DEFAULT_CONFIG_FILE};
+use sockpool::config::{Config, ServeFlags};
 use sockpool::notify::Notifier;
 use sockpool::{bench, client, config, logging, server};
 
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => bench::main(args),
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::PrintDefaultConfig) => {
-            print!("{DEFAULT_CONFIG_FILE}");
+            print!("{}", config::default_file());
             ExitCode::SUCCESS
         }
     }
@@ -115,6 +115,10 @@ fn serve(flags: &ServeFlags) -> ExitCode {
     let trigger = running.trigger();
     let signals_handle = signals.handle();
     let grace = config::format_duration(config.shutdown.grace);
+    let delay = match config.shutdown.drain_delay.is_zero() {
+        true => "0s".to_string(),
+        false => config::format_duration(config.shutdown.drain_delay),
+    };
     let watcher = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -131,7 +135,7 @@ fn serve(flags: &ServeFlags) -> ExitCode {
                 stops += 1;
                 if stops == 1 {
                     log::info!(
-                        "{name} received: stopping (grace {grace}; a second signal exits at once)"
+                        "{name} received: stopping (drain delay {delay}, grace {grace}; a second signal exits at once)"
                     );
                     notifier.notify("STOPPING=1\nSTATUS=draining connections");
                     trigger.fire();

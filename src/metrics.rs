@@ -231,6 +231,16 @@ impl Metrics {
         bump(&self.accept_resets, 1);
     }
 
+    /// Connections handed to workers so far (for the drain summary).
+    pub fn accepted_total(&self) -> u64 {
+        self.accepted.load(Relaxed)
+    }
+
+    /// Connections closed so far for `reason` (for the drain summary).
+    pub fn closed_total(&self, reason: CloseReason) -> u64 {
+        self.sum(|w| &w.closed[reason as usize])
+    }
+
     fn sum(&self, f: impl Fn(&WorkerStats) -> &AtomicU64) -> u64 {
         self.workers.iter().map(|w| f(w).load(Relaxed)).sum()
     }

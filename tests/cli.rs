@@ -31,6 +31,12 @@ fn bad_flags_and_keys_exit_2_naming_key_and_value() {
             "connection.framing",
         ),
         (&["serve", "--log-file", "/no/such/dir/s.log"], "log.file"),
+        (
+            &["serve", "--shutdown-drain-delay", "soon"],
+            "--shutdown-drain-delay \"soon\"",
+        ),
+        (&["serve", "--reuse-port=yes"], "--reuse-port"),
+        (&["serve", "--proxy-protocol=1"], "--proxy-protocol"),
     ];
     for (args, want) in cases {
         let o = run(args);
@@ -58,6 +64,19 @@ fn config_file_errors_exit_2_and_nothing_is_bound() {
             "metrics.bearer_token_file",
         ),
         ("[connection\n", "TOML parse error"),
+        (
+            "[server]\nproxy_trusted = [\"127.0.0.0/8\", \"10.0.0.0/33\"]\n",
+            "server.proxy_trusted = [\"127.0.0.0/8\", \"10.0.0.0/33\"]: \"10.0.0.0/33\": the prefix length must be at most 32",
+        ),
+        (
+            "[server]\nproxy_trusted = [\"localhost\"]\n",
+            "server.proxy_trusted = [\"localhost\"]: \"localhost\": expected an address block",
+        ),
+        (
+            "[shutdown]\nmetrics_linger = \"-1s\"\n",
+            "shutdown.metrics_linger = \"-1s\"",
+        ),
+        ("[server]\nreuse_port = \"yes\"\n", "server.reuse_port = \"yes\""),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -90,7 +109,9 @@ fn print_default_config_is_valid_and_check_config_prints_the_effective_values() 
     let shown = String::from_utf8(o.stdout).unwrap();
     for line in [
         "workers = 0",
-        "idle_timeout = \"1m\"",
+        "idle_timeout = \"60s\"",
+        "drain_delay = \"0s\"",
+        "proxy_trusted = [\"127.0.0.0/8\", \"::1/128\"]",
         "max_pending_write_bytes = 1048576",
         "level = \"info\"",
     ] {
@@ -114,6 +135,33 @@ fn config_file_is_loaded_and_flags_override_it() {
         server.log()
     );
     assert_eq!(server.metric("sockpool_workers"), 1.0);
+}
+
+#[test]
+fn new_flags_set_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::fs::write(
+        &path,
+        "[server]\nproxy_trusted = [\"10.0.0.0/8\", \"::ffff:192.0.2.0/120\"]\n",
+    )
+    .unwrap();
+    let o = run(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        shown.contains("proxy_trusted = [\"10.0.0.0/8\", \"192.0.2.0/24\"]"),
+        "{shown}"
+    );
+    let server = Server::start(&[
+        "--reuse-port",
+        "--proxy-protocol",
+        "--shutdown-drain-delay",
+        "250ms",
+        "--workers",
+        "1",
+    ]);
+    assert!(!server.log().contains("error"), "{}", server.log());
 }
 
 #[test]

@@ -819,11 +819,17 @@ fn dashboard_exprs_compile() {
 // ------------------------------------------------------------------------ systemd
 
 const UNIT: &str = "config/systemd/sockpool.service";
+const SOCKET_UNIT: &str = "config/systemd/sockpool.socket";
 
 /// `Key=value` settings of the unit, every value of a repeated key in order.
 fn unit_settings() -> BTreeMap<String, Vec<String>> {
+    settings_of(UNIT)
+}
+
+/// `Key=value` settings of a unit file, every value of a repeated key in order.
+fn settings_of(unit: &str) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in read(UNIT).lines() {
+    for line in read(unit).lines() {
         let line = line.trim();
         if line.starts_with('#') || line.starts_with('[') {
             continue;
@@ -878,6 +884,71 @@ fn systemd_analyze_verify_accepts_the_unit() {
         "systemd-analyze verify warns about the unit:\n{}",
         ours.join("\n")
     );
+}
+
+#[test]
+fn systemd_analyze_verify_accepts_the_socket_unit_with_its_service() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let service = unit_for_this_build(dir.path());
+    let socket = dir.path().join("sockpool.socket");
+    std::fs::write(&socket, read(SOCKET_UNIT)).expect("write socket unit");
+    let out = run(Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&socket)
+        .arg(&service));
+    assert_success("systemd-analyze verify", &out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("sockpool")).collect();
+    assert!(
+        ours.is_empty(),
+        "systemd-analyze verify warns about the units:\n{}",
+        ours.join("\n")
+    );
+}
+
+/// The socket unit hands sockpool.service (same name) its data socket first and
+/// its metrics socket second, at the addresses, backlog and TCP_NODELAY of the
+/// default config, unnamed (so sockpool takes fd 3 as data and fd 4 as metrics).
+#[test]
+fn socket_unit_matches_the_default_config() {
+    let s = settings_of(SOCKET_UNIT);
+    let defaults = default_config();
+    let get = |table: &str, key: &str| defaults[table][key].clone();
+    let listen: Vec<String> = s.get("ListenStream").cloned().unwrap_or_default();
+    assert_eq!(
+        listen,
+        [
+            get("server", "listen").as_str().unwrap().to_string(),
+            get("metrics", "listen").as_str().unwrap().to_string()
+        ],
+        "{SOCKET_UNIT}: ListenStream= data first, then metrics"
+    );
+    assert_eq!(
+        s.get("Backlog").map(|v| v.join(",")),
+        Some(get("server", "backlog").as_integer().unwrap().to_string())
+    );
+    assert_eq!(
+        s.get("NoDelay").map(|v| v.join(",")),
+        Some(get("server", "tcp_nodelay").as_bool().unwrap().to_string())
+    );
+    for k in ["FileDescriptorName", "Service", "Accept"] {
+        assert!(
+            !s.contains_key(k),
+            "{SOCKET_UNIT}: no {k}= (see its comment)"
+        );
+    }
+}
+
+/// `sockpool print-default-config`, parsed.
+fn default_config() -> toml::Table {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_sockpool")).arg("print-default-config"));
+    assert_success("sockpool print-default-config", &out);
+    String::from_utf8_lossy(&out.stdout)
+        .parse()
+        .unwrap_or_else(|e| panic!("print-default-config is not TOML: {e}"))
 }
 
 #[test]
@@ -978,11 +1049,14 @@ fn systemd_unit_runs_hardened_with_limits_matched_to_the_server() {
     let max_connections = key("server", "max_connections")
         .as_integer()
         .expect("server.max_connections is an integer");
-    let grace = seconds(
-        key("shutdown", "grace")
-            .as_str()
-            .expect("shutdown.grace is a string"),
-    );
+    let shutdown = |k: &str| {
+        seconds(
+            key("shutdown", k)
+                .as_str()
+                .unwrap_or_else(|| panic!("shutdown.{k} is a string")),
+        )
+    };
+    let drain = shutdown("drain_delay") + shutdown("grace") + shutdown("metrics_linger");
 
     let nofile: i64 = one("LimitNOFILE")
         .parse()
@@ -995,8 +1069,9 @@ fn systemd_unit_runs_hardened_with_limits_matched_to_the_server() {
     );
     let stop = seconds(one("TimeoutStopSec"));
     assert!(
-        stop >= grace + 5.0,
-        "TimeoutStopSec={stop}s must exceed shutdown.grace={grace}s by a margin"
+        stop >= drain + 5.0,
+        "TimeoutStopSec={stop}s must exceed shutdown.drain_delay + grace + metrics_linger \
+         = {drain}s by a margin"
     );
     assert!(
         Duration::from_secs_f64(stop) < Duration::from_secs(120),

@@ -6,6 +6,11 @@
 //! connection; a running one is not woken at all, as it reads its queue at the
 //! end of every loop turn (see `worker::Doorbell`). Accept errors such as EMFILE
 //! back off exponentially instead of spinning.
+//!
+//! Shutdown: after the trigger it goes on accepting for `shutdown.drain_delay`;
+//! then it stops new handshakes, accepts every connection that completed one, and
+//! only then closes the listener, so that no client that connected is reset (see
+//! [`Acceptor::close_listener`]).
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -17,6 +22,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use super::listen;
 use super::worker::{Doorbell, Handoff};
 use super::Shared;
 use crate::logging::RateLimit;
@@ -42,7 +48,8 @@ pub struct WorkerLink {
 /// The accept thread's state.
 pub struct Acceptor {
     pub poll: Poll,
-    /// Closed (dropped) when shutdown begins, so new clients are refused.
+    /// Closed (dropped) after the drain delay and a final accept, so new clients
+    /// are refused and queued ones are served.
     pub listener: TcpListener,
     /// Dropped when the acceptor exits: each worker then sees `Disconnected`.
     pub workers: Vec<WorkerLink>,
@@ -78,22 +85,45 @@ impl Acceptor {
         })
     }
 
-    /// Accepts until shutdown is requested, then closes the listener and releases
-    /// the workers.
+    /// Accepts until shutdown is requested and its drain delay has passed, then
+    /// closes the listener and releases the workers.
     pub fn run(mut self) {
         let mut events = Events::with_capacity(16);
-        while !self.shared.stopping.load(Ordering::Acquire) {
-            if let Err(e) = self.poll.poll(&mut events, self.backoff) {
+        let mut close_at: Option<Instant> = None;
+        loop {
+            if close_at.is_none() && self.shared.stopping.load(Ordering::Acquire) {
+                let delay = self.shared.drain_delay;
+                if !delay.is_zero() {
+                    log::info!(
+                        "not ready; still accepting for {} (shutdown.drain_delay)",
+                        crate::config::format_duration(delay)
+                    );
+                }
+                close_at = Some(Instant::now() + delay);
+            }
+            let timeout = match close_at {
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    Some(self.backoff.map_or(left, |b| b.min(left)))
+                }
+                None => self.backoff,
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("acceptor: poll failed: {e}; stopping");
                     break;
                 }
             }
-            if self.shared.stopping.load(Ordering::Acquire) {
-                break;
+            // Woken by the trigger: start the drain delay's clock at the top.
+            if close_at.is_none() && self.shared.stopping.load(Ordering::Acquire) {
+                continue;
             }
             self.accept_batch();
         }
+        self.close_listener();
         let Acceptor {
             listener, workers, ..
         } = self;
@@ -103,6 +133,57 @@ impl Acceptor {
             drop(w.tx);
             let _ = w.doorbell.wake();
         }
+    }
+
+    /// Closes the listener without resetting anyone who completed a handshake:
+    /// new handshakes are stopped first (a SYN-dropping socket filter), the ones
+    /// under way are given time to complete while the queue is accepted, and the
+    /// queue is accepted once more until it is empty; only then is it closed.
+    /// The connections accepted here are served like any other (never sent the
+    /// busy message for shutting down). A listener inherited from systemd is only
+    /// let go: it outlives us, and the next instance accepts what is queued.
+    fn close_listener(&mut self) {
+        if self.shared.listener_inherited {
+            return; // dropped with `self`: systemd still holds the socket
+        }
+        let started = Instant::now();
+        if let Err(e) = listen::refuse_new_handshakes(&self.listener) {
+            // Fall back to "accept until WouldBlock, then close", which can still
+            // reset a handshake that completes in between.
+            log::warn!("cannot stop new handshakes before closing the listener: {e}");
+            self.accept_batch();
+            return;
+        }
+        let port = self.listener.local_addr().map_or(0, |a| a.port());
+        let mut events = Events::with_capacity(16);
+        loop {
+            self.accept_batch();
+            let waited = started.elapsed();
+            if waited >= listen::HANDSHAKE_SETTLE {
+                let in_flight = listen::handshakes_in_flight(port);
+                if in_flight != Some(0) {
+                    log::debug!("handshakes under way after {waited:?}: {in_flight:?}");
+                }
+                match in_flight {
+                    Some(0) => break,
+                    None if waited >= listen::HANDSHAKE_SETTLE * 5 => break,
+                    _ if waited >= listen::HANDSHAKE_WAIT_MAX => {
+                        log::warn!(
+                            "closing the listener with handshakes still under way after {waited:?}"
+                        );
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            // Woken by a connection to accept, or every few ms to look again.
+            let _ = self.poll.poll(&mut events, Some(Duration::from_millis(5)));
+        }
+        self.accept_batch();
+        log::debug!(
+            "listener closed after {:?} of final accepts",
+            started.elapsed()
+        );
     }
 
     fn accept_batch(&mut self) {
@@ -152,9 +233,8 @@ impl Acceptor {
 
     fn dispatch(&mut self, stream: TcpStream, peer: SocketAddr) {
         let shared = self.shared.clone();
-        if shared.stopping.load(Ordering::Acquire) {
-            return self.reject(stream, peer, RejectReason::ShuttingDown);
-        }
+        // No check of `stopping` here: every connection accepted before the
+        // listener closes is served (the drain delay and the final accepts).
         let permit = match shared.admission.admit(peer.ip()) {
             Ok(permit) => permit,
             Err(reason) => return self.reject(stream, peer, reason),

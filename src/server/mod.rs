@@ -8,30 +8,37 @@
 //!                                              metrics-http ────────┘ (reads only)
 //! ```
 //!
-//! Shutdown order: the trigger clears `ready` and wakes the acceptor; the acceptor
-//! closes the listener (new clients are refused), drops every sender and wakes
-//! every worker; each worker, on seeing its channel disconnected, serves its
-//! connections for up to `shutdown.grace`, closes the rest, and exits;
-//! [`Running::wait`] joins them all and then stops the sidecar.
+//! Shutdown order: the trigger clears `ready` (so `/-/ready` says 503 at once),
+//! notes what is open, and wakes the acceptor; the acceptor goes on accepting for
+//! `shutdown.drain_delay` (a balancer takes the instance out meanwhile), then
+//! stops new handshakes, accepts what is queued and closes the listener (see
+//! `listen::refuse_new_handshakes`; nobody who connected is reset), drops every
+//! sender and wakes every worker; each worker, on seeing its channel
+//! disconnected, serves its connections for up to `shutdown.grace`, closes the
+//! rest, and exits; [`Running::wait`] joins them all, logs one line that sums up
+//! the drain, keeps `/metrics` up for `shutdown.metrics_linger` so a last scrape
+//! sees it, and then stops the sidecar.
 
 mod acceptor;
 pub mod admission;
 pub mod conn;
+mod listen;
 mod worker;
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use mio::{Poll, Waker};
 
-use crate::config::Config;
+use crate::config::{format_duration, Config};
 use crate::http::{RenderFn, Sidecar, SidecarOptions};
 use crate::logging::{SharedRateLimit, WARN_BURST, WARN_WINDOW};
-use crate::metrics::Metrics;
+use crate::metrics::{CloseReason, Metrics};
 
 /// Connections queued for one worker before the acceptor waits for it.
 const HANDOFF_QUEUE: usize = 1024;
@@ -53,6 +60,39 @@ pub struct Shared {
     pub reset_log: SharedRateLimit,
     /// Idle, write-timeout and protocol-error warnings, for all workers together.
     pub timeout_log: SharedRateLimit,
+    /// `shutdown.drain_delay`: the acceptor keeps accepting this long after the trigger.
+    pub drain_delay: Duration,
+    /// The data listener came from systemd and outlives us: at shutdown the acceptor
+    /// only stops accepting (the next instance takes what is queued).
+    pub listener_inherited: bool,
+    /// Where the drain started from, for its summary; set by the first trigger.
+    drain: Mutex<Option<DrainStart>>,
+}
+
+/// The figures at the stop signal that the drain's summary line compares with.
+#[derive(Clone, Copy, Debug)]
+struct DrainStart {
+    at: Instant,
+    open: usize,
+    accepted: u64,
+    closed: u64,
+    shut: u64,
+}
+
+impl DrainStart {
+    fn now(shared: &Shared) -> DrainStart {
+        let metrics = &shared.metrics;
+        DrainStart {
+            at: Instant::now(),
+            open: shared.admission.open(),
+            accepted: metrics.accepted_total(),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|&r| metrics.closed_total(r))
+                .sum(),
+            shut: metrics.closed_total(CloseReason::ServerShutdown),
+        }
+    }
 }
 
 /// Why the server could not start: exit code 1.
@@ -76,9 +116,15 @@ pub struct Trigger {
 }
 
 impl Trigger {
-    /// Stop accepting and drain.
+    /// Start the drain: not ready at once, accepting for `drain_delay`, then closed.
     pub fn fire(&self) {
         self.ready.store(false, Ordering::Release);
+        {
+            let mut drain = self.shared.drain.lock().unwrap_or_else(|p| p.into_inner());
+            if drain.is_none() {
+                *drain = Some(DrainStart::now(&self.shared));
+            }
+        }
         self.shared.stopping.store(true, Ordering::Release);
         if let Err(e) = self.acceptor.wake() {
             log::error!("cannot wake the acceptor: {e}");
@@ -95,6 +141,8 @@ pub struct Running {
     workers: Vec<JoinHandle<()>>,
     sidecar: Option<Sidecar>,
     shared: Arc<Shared>,
+    /// `shutdown.metrics_linger`.
+    metrics_linger: Duration,
 }
 
 impl Running {
@@ -129,10 +177,39 @@ impl Running {
             }
         }
         log::info!("all connections closed");
+        log_drain(&self.shared);
         if let Some(sidecar) = self.sidecar {
+            if !self.metrics_linger.is_zero() {
+                // Ready stays false: /-/ready answers 503 while /metrics still
+                // serves the final figures (the server_shutdown closes above).
+                log::info!(
+                    "keeping /metrics up for {} (shutdown.metrics_linger)",
+                    format_duration(self.metrics_linger)
+                );
+                std::thread::sleep(self.metrics_linger);
+            }
             sidecar.shutdown();
         }
     }
+}
+
+/// One info line that sums up the drain.
+fn log_drain(shared: &Shared) {
+    let start = *shared.drain.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(start) = start else {
+        return; // stopped without a trigger (cannot happen today)
+    };
+    let end = DrainStart::now(shared);
+    let shut = end.shut - start.shut;
+    let finished = (end.closed - start.closed).saturating_sub(shut);
+    log::info!(
+        "drain done: {} connections open at the stop signal, {} accepted since; \
+         {finished} finished on their own, {shut} closed at the end of the grace \
+         (server_shutdown); took {:.3}s",
+        start.open,
+        end.accepted - start.accepted,
+        start.at.elapsed().as_secs_f64()
+    );
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit and returns the number of
@@ -164,23 +241,6 @@ fn fit_connections(wanted: usize) -> usize {
     wanted
 }
 
-fn bind_main(config: &Config) -> Result<mio::net::TcpListener, StartError> {
-    use socket2::{Domain, Socket, Type};
-    let addr = config.server.listen;
-    let fail = |e: io::Error| StartError(format!("cannot listen on {addr}: {e}"));
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(fail)?;
-    socket.set_reuse_address(true).map_err(fail)?;
-    // Set on the listener, TCP_NODELAY is inherited by every accepted socket
-    // (Linux copies it at accept), which saves a setsockopt per connection.
-    socket
-        .set_tcp_nodelay(config.server.tcp_nodelay)
-        .map_err(fail)?;
-    socket.bind(&addr.into()).map_err(fail)?;
-    socket.listen(config.server.backlog as i32).map_err(fail)?;
-    socket.set_nonblocking(true).map_err(fail)?;
-    Ok(mio::net::TcpListener::from_std(socket.into()))
-}
-
 fn io_err(what: &'static str) -> impl Fn(io::Error) -> StartError {
     move |e| StartError(format!("{what}: {e}"))
 }
@@ -196,18 +256,13 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
 /// logs the two startup lines. Nothing is left running if it fails.
 pub fn start(config: &Config) -> Result<Running, StartError> {
     let max_connections = fit_connections(config.server.max_connections);
-    let listener = bind_main(config)?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| StartError(format!("listener: {e}")))?;
-    let metrics_listener = if config.metrics.enabled {
-        let addr = config.metrics.listen;
-        let l = std::net::TcpListener::bind(addr)
-            .map_err(|e| StartError(format!("cannot listen on {addr} (metrics): {e}")))?;
-        Some(l)
-    } else {
-        None
-    };
+    let listen::Listeners {
+        data,
+        data_inherited,
+        metrics: metrics_listener,
+    } = listen::open(config)?;
+    let local_addr = listen::local_addr(&data)?;
+    let listener = mio::net::TcpListener::from_std(data);
 
     let n_workers = config.effective_workers();
     let metrics = Arc::new(Metrics::new(n_workers, max_connections));
@@ -221,6 +276,9 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
         )),
         reset_log: SharedRateLimit::new(WARN_BURST, WARN_WINDOW),
         timeout_log: SharedRateLimit::new(WARN_BURST, WARN_WINDOW),
+        drain_delay: config.shutdown.drain_delay,
+        listener_inherited: data_inherited,
+        drain: Mutex::new(None),
     });
     let ready = Arc::new(AtomicBool::new(true));
 
@@ -306,5 +364,6 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
         workers,
         sidecar,
         shared,
+        metrics_linger: config.shutdown.metrics_linger,
     })
 }
