@@ -712,6 +712,15 @@ fn long_lived(
     })
 }
 
+/// The tests here each run a fleet under load: one at a time, so that they do not
+/// compete for the (shared, 2-core) machine with each other.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static FLEET: Mutex<()> = Mutex::new(());
+    FLEET
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn have_tools() -> bool {
     common::have_tool("haproxy", "haproxy") && common::have_tool("prometheus", "prometheus")
 }
@@ -723,6 +732,7 @@ fn restarts_behind_haproxy_lose_no_connection() {
     if !have_tools() {
         return;
     }
+    let _fleet = one_at_a_time();
     let dir = tempfile::tempdir().expect("temp dir");
     let drain = format!("{}s", DRAIN_DELAY.as_secs());
     let extra = ["--shutdown-drain-delay", drain.as_str(), "--reuse-port"];
@@ -878,6 +888,7 @@ fn restarts_without_drain_delay_or_redispatch_cost_errors() {
     if !have_tools() {
         return;
     }
+    let _fleet = one_at_a_time();
     let dir = tempfile::tempdir().expect("temp dir");
     let extra = ["--shutdown-drain-delay", "0", "--reuse-port"];
     let mut instances: Vec<Instance> = (0..3)
@@ -919,6 +930,7 @@ fn per_ip_limit_applies_to_real_clients_behind_haproxy() {
     if !common::have_tool("haproxy", "haproxy") {
         return;
     }
+    let _fleet = one_at_a_time();
     let dir = tempfile::tempdir().expect("temp dir");
     let inst = Instance::new(dir.path(), 0, "max_connections_per_ip = 2", &[]);
     let haproxy = Haproxy::start(dir.path(), &[&inst], true);
