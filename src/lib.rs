@@ -12,6 +12,9 @@
 //! - [`protocol`]: sans-I/O codecs (ack with read or line framing, echo): bytes in,
 //!   replies out. No sockets, no clocks, no metrics; unit-, property- and
 //!   fuzz-tested.
+//!   - [`protocol::proxy`]: the PROXY protocol v1/v2 header a balancer puts first
+//!     (parsed by `ppp`, framed and bounded here): "need more" is `Ok(None)`, the
+//!     header's end is where the codec's bytes begin.
 //! - [`server`]: `start(config)` binds and spawns everything; shutdown ordering.
 //!   - `server::acceptor`: the accept thread: admission, least-loaded worker,
 //!     hand-off over a bounded crossbeam channel, wake-ups only for parked workers

@@ -15,6 +15,10 @@
 //! "Need more bytes" is not an error: a partial line simply stays in the decoder.
 //! The only error is a line over the limit, after which the decoder refuses all
 //! further input (the connection is being closed).
+//!
+//! [`proxy`] reads the PROXY protocol header a balancer may put before all of it.
+
+pub mod proxy;
 
 /// The reply prefix of the tutorial's protocol.
 const ACK_PREFIX: &[u8] = b"Server received \"";
