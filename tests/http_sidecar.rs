@@ -280,7 +280,7 @@ fn other_methods_are_405_with_allow() {
     let _g = serial();
     let r = start(SidecarOptions::default());
     for request in [
-        &b"POST /metrics HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello"[..],
+        &b"POST /metrics HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n"[..],
         b"PUT /-/ready HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n",
         b"DELETE / HTTP/1.1\r\nHost: test\r\n\r\n",
         b"OPTIONS /metrics HTTP/1.1\r\nHost: test\r\n\r\n",
@@ -460,35 +460,42 @@ fn a_head_just_over_16_kib_gets_431() {
     stop(r);
 }
 
+/// No endpoint takes a body, and a body is where a second request hides: the
+/// front refuses every request that announces one, and Transfer-Encoding.
 #[test]
-fn request_bodies_are_bounded() {
+fn request_bodies_and_transfer_encoding_are_refused() {
     let _g = serial();
     let r = start(SidecarOptions::default());
     let too_big = exchange(
         r.addr,
         b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n",
     );
-    assert_eq!(too_big.status, 413);
+    assert_eq!(too_big.status, 400);
     let chunked = exchange(
         r.addr,
         b"POST /metrics HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     );
-    assert_eq!(chunked.status, 411);
-    for bad in ["-1", "abc", "", "5, 6"] {
+    assert_eq!(chunked.status, 400);
+    for bad in ["-1", "abc", "", "5, 6", "+1", "99999999999999999999999"] {
         let request = format!("POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: {bad}\r\n\r\n");
         assert_eq!(exchange(r.addr, request.as_bytes()).status, 400, "{bad:?}");
     }
-    let conflicting = exchange(
-        r.addr,
-        b"POST /metrics HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-    );
-    assert_eq!(conflicting.status, 400);
-    // A GET with a small body is still a GET.
+    for duplicated in [
+        &b"GET /metrics HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"[..],
+        b"GET /metrics HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+    ] {
+        assert_eq!(exchange(r.addr, duplicated).status, 400);
+    }
     let get_with_body = exchange(
         r.addr,
         b"GET /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc",
     );
-    assert_eq!(get_with_body.status, 200);
+    assert_eq!(get_with_body.status, 400);
+    let zero = exchange(
+        r.addr,
+        b"GET /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(zero.status, 200);
     stop(r);
 }
 
@@ -625,7 +632,12 @@ fn concurrent_scrapes_all_succeed() {
 /// fail; 2 lets the front accept and reach the backend, whose accept then fails.
 fn survives_emfile(spare: usize) {
     let _g = serial();
-    let r = start(SidecarOptions::default());
+    // A backend whose accept thread died is found out when a relay goes a whole
+    // request timeout unanswered: keep that short so the retries below see it.
+    let r = start(SidecarOptions {
+        request_timeout: Duration::from_secs(2),
+        ..SidecarOptions::default()
+    });
     assert_eq!(get(r.addr, "/metrics").status, 200);
     let saved = getrlimit(Resource::Nofile);
     let mut fillers = Vec::new();
@@ -881,9 +893,14 @@ fn unusual_but_valid_requests_are_served() {
     let mut s = connect(r.addr);
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nTE: chunked\r\n\r\n")
         .expect("send");
+    // TE is not forwarded: the answer has a length, which any client can read.
     let chunked = parse(&read_all(&mut s).expect("read"));
     assert_eq!(chunked.status, 200);
-    assert_eq!(chunked.header("Transfer-Encoding"), Some("chunked"));
+    assert_eq!(chunked.header("Transfer-Encoding"), None);
+    assert_eq!(
+        chunked.header("Content-Length"),
+        Some(chunked.body.len().to_string().as_str())
+    );
     assert!(String::from_utf8_lossy(&chunked.body).contains("test_up 1"));
 
     let mut s = connect(r.addr);
