@@ -61,15 +61,35 @@ fn start(opts: SidecarOptions) -> Running {
 /// tiny_http's own threads (`metrics-backend`) cannot be joined; they end on
 /// their own within 5 s of the server being dropped.
 fn sidecar_threads() -> Vec<String> {
-    let Ok(tasks) = fs::read_dir("/proc/self/task") else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("comm")).ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| name == "metrics-http" || name.starts_with("metrics-resp-"))
-        .collect()
+    threads_named("/proc/self/task", |name| {
+        name == "metrics-http" || name.starts_with("metrics-resp-")
+    })
+}
+
+/// Names of the threads under `task_dir` that `keep` selects. Panics when the
+/// directory or a thread's name cannot be read: read as "no threads", an
+/// unreadable /proc would pass every "no threads left" check.
+fn threads_named(task_dir: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    let tasks = fs::read_dir(task_dir).unwrap_or_else(|e| panic!("{task_dir}: {e}"));
+    let mut names = Vec::new();
+    for task in tasks {
+        let task = task.unwrap_or_else(|e| panic!("{task_dir}: {e}"));
+        let comm = task.path().join("comm");
+        match fs::read_to_string(&comm) {
+            Ok(name) => names.push(name.trim().to_owned()),
+            // A thread that ended between the listing and the read.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => panic!("{}: {e}", comm.display()),
+        }
+    }
+    names.retain(|n| keep(n));
+    names
+}
+
+#[test]
+#[should_panic(expected = "/no/such/proc/task")]
+fn thread_listing_fails_when_proc_is_unreadable() {
+    threads_named("/no/such/proc/task", |_| true);
 }
 
 /// Shuts down and checks the promise that every thread it started was joined:
@@ -928,4 +948,96 @@ fn unusual_but_valid_requests_are_served() {
         1
     );
     stop(r);
+}
+
+/// tiny_http's threads: its accept thread and task pool, named after the thread
+/// that started them (`metrics-backend`).
+fn backend_threads() -> usize {
+    threads_named("/proc/self/task", |n| n == "metrics-backend").len()
+}
+
+/// This process's private sidecar directories.
+fn private_dirs() -> Vec<std::path::PathBuf> {
+    let prefix = format!("sockpool-metrics-{}-", std::process::id());
+    let base = std::env::var_os("RUNTIME_DIRECTORY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    fs::read_dir(&base)
+        .unwrap_or_else(|e| panic!("{}: {e}", base.display()))
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Defect 3: each backend rebuild after the private socket directory was
+/// deleted left tiny_http's accept thread, its 4 pool threads and the listening
+/// fd behind (threads 13 -> 33 after 4 rebuilds): dropping tiny_http wakes its
+/// accept thread by connecting to a path that no longer exists.
+#[test]
+fn regression_deleting_the_socket_directory_ten_times_leaks_no_threads_or_fds() {
+    let _g = serial();
+    let r = start(SidecarOptions::default());
+    assert_eq!(get(r.addr, "/metrics").status, 200);
+    let dirs = private_dirs();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let dir = dirs[0].clone();
+    let threads_before = backend_threads();
+    let fds_before = count_entries("/proc/self/fd");
+    assert!(threads_before > 0, "tiny_http's threads not found by name");
+    for round in 0..10 {
+        fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        // The first scrape finds the socket gone (503) and has the backend
+        // rebuilt, directory and all; bounded retries until it is back.
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let status = get(r.addr, "/metrics").status;
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503, "round {round}");
+            assert!(Instant::now() < deadline, "round {round}: no recovery");
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            dir.is_dir(),
+            "round {round}: the directory was not recreated"
+        );
+    }
+    // Idle tiny_http pool threads of a stopped server linger up to 5 s.
+    let deadline = Instant::now() + 3 * PATIENCE;
+    loop {
+        let (threads, fds) = (backend_threads(), count_entries("/proc/self/fd"));
+        if threads <= threads_before && fds <= fds_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 10 rebuilds: tiny_http threads {threads_before} -> {threads}, \
+             fds {fds_before} -> {fds}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    stop(r);
+}
+
+/// A backend slower than the request timeout: nothing was sent yet, so the
+/// client is told 503 instead of seeing a bare close.
+#[test]
+fn a_backend_past_the_deadline_before_any_byte_is_a_503() {
+    let _g = serial();
+    let render: RenderFn = Arc::new(|out: &mut String| {
+        thread::sleep(Duration::from_millis(1500));
+        out.push_str("test_up 1\n");
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let opts = SidecarOptions {
+        request_timeout: Duration::from_millis(300),
+        ..SidecarOptions::default()
+    };
+    let sidecar =
+        Sidecar::start(listener, opts, render, Arc::new(AtomicBool::new(true))).expect("start");
+    let reply = get(sidecar.local_addr(), "/metrics");
+    assert_eq!(reply.status, 503);
+    sidecar.shutdown();
 }
