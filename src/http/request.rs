@@ -278,7 +278,7 @@ mod tests {
             r.canonical(),
             b"GET /metrics?x=1 HTTP/1.1\r\nHost: h:1\r\nAuthorization: Bearer  t\r\nConnection: close\r\n\r\n"
         );
-        assert_eq!(r.head_len, 74);
+        assert_eq!(r.head_len, 73);
         let r = parse(b"HEAD http://x:9/a?b HTTP/1.0\r\n\r\n")
             .unwrap()
             .unwrap();
