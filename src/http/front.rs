@@ -234,6 +234,12 @@ impl Front {
             debug!("metrics sidecar: closing {} ({why})", conn.peer);
             // Best effort: a fresh socket's send buffer takes these few bytes.
             let _ = conn.client.write(bytes);
+            if conn.phase == Phase::Head {
+                // What the client sent after a refused head (a body, say) is
+                // read first, so that closing sends a FIN and not a RST that
+                // could destroy the answer on its way. Bounded by MAX_DISCARD.
+                let _ = drain_client(conn, &mut self.scratch);
+            }
         }
         if conn.phase == Phase::Relay && !conn.upstream_eof {
             // tiny_http still holds its end (and a thread) for this request. Keep
