@@ -1041,3 +1041,25 @@ fn a_backend_past_the_deadline_before_any_byte_is_a_503() {
     assert_eq!(reply.status, 503);
     sidecar.shutdown();
 }
+
+/// A token no client can send as `Bearer <token>` is refused at start, not
+/// discovered as a 502 on every scrape (config validation catches it first;
+/// this is the library's own guard).
+#[test]
+fn a_token_that_is_not_token68_is_refused_at_start() {
+    let _g = serial();
+    for token in ["t\u{f6}k\u{e9}n", "two words", "ctl\u{1}", "=pad-first"] {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let err = Sidecar::start(
+            listener,
+            opts_with_token(token),
+            render(),
+            Arc::new(AtomicBool::new(true)),
+        )
+        .expect_err(token);
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{token:?}");
+    }
+    let r = start(opts_with_token("Az09-._~+/=="));
+    assert_eq!(get_with_auth(r.addr, "Bearer Az09-._~+/==").status, 200);
+    stop(r);
+}

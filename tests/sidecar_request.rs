@@ -95,12 +95,23 @@ fn line_end() -> impl Strategy<Value = &'static str> {
     prop_oneof![16 => Just("\r\n"), 1 => Just("\n"), 1 => Just("\r")]
 }
 
-fn header() -> impl Strategy<Value = String> {
+/// Header lines a strict parser accepts (a second Host is still refused).
+fn good_header() -> impl Strategy<Value = String> {
     prop_oneof![
         Just("Host: x".to_owned()),
-        Just("Host: y".to_owned()),
         Just("host:x".to_owned()),
         Just("Authorization: Bearer t0k3n".to_owned()),
+        Just("Expect: 100-continue".to_owned()),
+        Just("Connection: keep-alive".to_owned()),
+        Just("Content-Length: 0".to_owned()),
+        "[A-Za-z-]{1,8}: [ -~]{0,12}",
+    ]
+}
+
+/// The smuggling material.
+fn bad_header() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("Host: y".to_owned()),
         Just("Authorization: Bearer t\u{f6}k".to_owned()),
         Just("Transfer-Encoding: chunked".to_owned()),
         Just("Transfer-Encoding : chunked".to_owned()),
@@ -109,27 +120,27 @@ fn header() -> impl Strategy<Value = String> {
         Just("X-N: a\0b".to_owned()),
         Just(" folded".to_owned()),
         Just("\tfolded".to_owned()),
-        Just("Expect: 100-continue".to_owned()),
-        Just("Connection: keep-alive".to_owned()),
         prop_oneof![
-            Just("0".to_owned()),
             Just("-1".to_owned()),
             Just("+5".to_owned()),
             Just("1, 1".to_owned()),
             Just("99999999999999999999999999".to_owned()),
             Just("18446744073709551616".to_owned()),
-            (0u64..40).prop_map(|n| n.to_string()),
+            (1u64..40).prop_map(|n| n.to_string()),
         ]
         .prop_map(|v| format!("Content-Length: {v}")),
-        "[A-Za-z-]{1,8}: [ -~]{0,12}",
     ]
+}
+
+fn header() -> impl Strategy<Value = String> {
+    prop_oneof![4 => good_header(), 1 => bad_header()]
 }
 
 /// A head plus whatever follows it (a smuggled request, a body, nothing).
 fn raw_request() -> impl Strategy<Value = Vec<u8>> {
     let method = prop_oneof![
-        4 => Just("GET"),
-        2 => Just("HEAD"),
+        8 => Just("GET"),
+        4 => Just("HEAD"),
         1 => Just("POST"),
         1 => Just("PUT"),
         1 => Just("G\x1bT"),
@@ -137,7 +148,7 @@ fn raw_request() -> impl Strategy<Value = Vec<u8>> {
         1 => Just("GET\0"),
     ];
     let target = prop_oneof![
-        3 => Just("/metrics"),
+        8 => Just("/metrics"),
         1 => Just("/"),
         1 => Just("/-/healthy?x=1"),
         1 => Just("/nope"),
@@ -147,7 +158,7 @@ fn raw_request() -> impl Strategy<Value = Vec<u8>> {
         1 => Just("/\u{e9}"),
     ];
     let version = prop_oneof![
-        4 => Just("HTTP/1.1"),
+        8 => Just("HTTP/1.1"),
         1 => Just("HTTP/1.0"),
         1 => Just("HTTP/2.0"),
         1 => Just("http/1.1"),
@@ -180,17 +191,31 @@ fn raw_request() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
-
-    /// What the front accepts, tiny_http reads as one request, the same one.
-    #[test]
-    fn every_accepted_head_is_one_request_to_tiny_http(raw in raw_request()) {
+/// What the front accepts, tiny_http reads as one request, the same one.
+#[test]
+fn every_accepted_head_is_one_request_to_tiny_http() {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+    let accepted = AtomicU32::new(0);
+    let result = runner.run(&raw_request(), |raw| {
         if let Ok(Some(req)) = request::parse(&raw) {
+            accepted.fetch_add(1, Ordering::Relaxed);
             prop_assert!(req.head_len <= raw.len());
             tiny_http_sees_one(&req)?;
         }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
     }
+    // Not a figure that speed could change: the generator must reach the
+    // accepting path at all (about a fifth of its heads are accepted).
+    let accepted = accepted.into_inner();
+    eprintln!("{accepted} of 300 generated heads accepted and checked against tiny_http");
+    assert!(accepted > 0, "no generated head was accepted");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
 
     /// Arbitrary bytes: never a panic, and what is accepted is canonical.
     #[test]
