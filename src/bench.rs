@@ -8,11 +8,11 @@
 //! # Layout
 //! - `workload`: what is sent and what must come back (pure, on bytes)
 //! - `driver`: one load thread's readiness loop and per-connection state
-//! - `procstat`: the server's CPU time and RSS from `/proc/PID/stat`
+//! - `procstat` (`metrics::process`): the server's CPU time and RSS from `/proc/PID/stat`
 //! - this file: flags, connection set-up, the progress bar, the report
 
 mod driver;
-mod procstat;
+use crate::metrics::process as procstat;
 mod workload;
 
 use std::io::{IsTerminal, Read, Write};
@@ -289,18 +289,9 @@ fn format_us(us: f64) -> String {
 /// Raises the soft open-files limit to the hard one, so many held connections fit.
 /// Returns the limit now in force.
 fn raise_nofile_limit() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        let raised = Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        if setrlimit(Resource::Nofile, raised).is_ok() {
-            return limit.maximum.unwrap_or(u64::MAX);
-        }
-    }
-    limit.current.unwrap_or(u64::MAX)
+    crate::metrics::process::raise_nofile_limit()
+        .unwrap_or_else(|(_, unchanged)| unchanged)
+        .unwrap_or(u64::MAX)
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, String> {

@@ -1047,11 +1047,12 @@ impl Config {
                     )
                 }
             };
-            if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if !crate::http::bearer_token_ok(&token) {
                 return err(
                     "metrics.bearer_token_file",
                     shown,
-                    "the token must be one non-empty word (no inner whitespace)",
+                    "the token must be one non-empty word of RFC 6750 token68 characters \
+                     (ASCII letters, digits, -._~+/ then = padding)",
                 );
             }
             self.metrics.bearer_token = Some(token);

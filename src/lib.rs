@@ -30,9 +30,11 @@
 //!   - [`server::conn`]: one connection: bytes owed, flow control (memory bounded
 //!     by `max_pending_write_bytes` in every mode), deadlines, how it ends.
 //! - [`metrics`]: every metric defined once; per-worker counters summed at scrape
-//!   time; the Prometheus text format; `process_*` figures from /proc.
+//!   time by a `prometheus` crate `Collector`; `metrics::process`: `process_*`
+//!   figures from /proc (the one /proc parser) and the RLIMIT_NOFILE helper.
 //! - [`http`]: the tiny_http sidecar (`/metrics`, `/-/healthy`, `/-/ready`, `/`),
-//!   kept on a short leash so it can never take the main service down.
+//!   kept on a short leash so it can never take the main service down: a strict
+//!   front (`http::request`, sans-I/O) that sends tiny_http one canonical request.
 //! - [`logging`]: log + simplelog set-up, rate-limited warnings, escaping client
 //!   bytes.
 //! - [`notify`]: systemd readiness (`READY=1`, `STOPPING=1` to `$NOTIFY_SOCKET`).

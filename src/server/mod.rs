@@ -215,19 +215,14 @@ fn log_drain(shared: &Shared) {
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit and returns the number of
 /// connections that fit, with a warning if `wanted` does not.
 fn fit_connections(wanted: usize) -> usize {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        let raised = rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => limit = getrlimit(Resource::Nofile),
-            Err(e) => log::warn!("cannot raise RLIMIT_NOFILE to its hard limit: {e}"),
+    let soft = match crate::metrics::process::raise_nofile_limit() {
+        Ok(soft) => soft,
+        Err((e, soft)) => {
+            log::warn!("cannot raise RLIMIT_NOFILE to its hard limit: {e}");
+            soft
         }
-    }
-    let Some(soft) = limit.current else {
+    };
+    let Some(soft) = soft else {
         return wanted;
     };
     let reserve = (soft / 8).clamp(FD_RESERVE_MIN, FD_RESERVE_MAX);
