@@ -218,7 +218,12 @@ fn the_scraped_families_are_the_design_table() {
         assert_eq!(&got[name], family, "{name}");
     }
     // Every known label value exists from the first scrape, at 0.
-    for reason in ["max_connections", "per_ip_limit", "shutting_down"] {
+    for reason in [
+        "max_connections",
+        "per_ip_limit",
+        "shutting_down",
+        "untrusted_proxy",
+    ] {
         let series = format!("sockpool_connections_rejected_total{{reason=\"{reason}\"}} 0");
         assert!(body.lines().any(|l| l == series), "missing {series}");
     }

@@ -85,14 +85,17 @@ pub enum RejectReason {
     MaxConnections,
     PerIpLimit,
     ShuttingDown,
+    /// `server.proxy_protocol` is on and the peer is not in `proxy_trusted`.
+    UntrustedProxy,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 3] = [
+    pub const ALL: [RejectReason; 4] = [
         RejectReason::MaxConnections,
         RejectReason::PerIpLimit,
         RejectReason::ShuttingDown,
+        RejectReason::UntrustedProxy,
     ];
 
     /// The `reason` label value.
@@ -101,6 +104,7 @@ impl RejectReason {
             RejectReason::MaxConnections => "max_connections",
             RejectReason::PerIpLimit => "per_ip_limit",
             RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::UntrustedProxy => "untrusted_proxy",
         }
     }
 }
