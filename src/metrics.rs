@@ -65,14 +65,17 @@ pub enum RejectReason {
     MaxConnections,
     PerIpLimit,
     ShuttingDown,
+    /// `server.proxy_protocol` is on and the peer is not in `server.proxy_trusted`.
+    UntrustedProxy,
 }
 
 impl RejectReason {
     /// Every reason, in label order.
-    pub const ALL: [RejectReason; 3] = [
+    pub const ALL: [RejectReason; 4] = [
         RejectReason::MaxConnections,
         RejectReason::PerIpLimit,
         RejectReason::ShuttingDown,
+        RejectReason::UntrustedProxy,
     ];
 
     /// The `reason` label value.
@@ -81,6 +84,7 @@ impl RejectReason {
             RejectReason::MaxConnections => "max_connections",
             RejectReason::PerIpLimit => "per_ip_limit",
             RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::UntrustedProxy => "untrusted_proxy",
         }
     }
 }
@@ -155,6 +159,13 @@ impl WorkerStats {
         bump(&self.duration_sum_nanos, lifetime.as_nanos() as u64);
     }
 
+    /// A connection of this worker was refused after its PROXY header (counted
+    /// as rejected, never as closed).
+    pub fn connection_refused(&self) {
+        self.connections
+            .store(self.connections.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+
     /// Connections this worker owns now (read by the acceptor to pick a worker).
     pub fn connections(&self) -> u64 {
         self.connections.load(Relaxed)
@@ -201,9 +212,11 @@ impl Metrics {
         &self.workers[i]
     }
 
-    /// Acceptor only: a connection was handed to a worker.
+    /// A connection was handed to a worker (the acceptor), or, with the PROXY
+    /// protocol, its header was decided (a worker): several writers, so a true
+    /// atomic add; once per connection, not per message.
     pub fn accepted(&self) {
-        bump(&self.accepted, 1);
+        self.accepted.fetch_add(1, Relaxed);
     }
 
     /// Admission: a connection was admitted (its permit taken).
@@ -216,9 +229,10 @@ impl Metrics {
         self.active.fetch_sub(1, Relaxed);
     }
 
-    /// Acceptor only: a connection was refused.
+    /// A connection was refused: by the acceptor, or (`per_ip_limit` behind a
+    /// PROXY header) by a worker. Several writers, so a true atomic add.
     pub fn rejected(&self, reason: RejectReason) {
-        bump(&self.rejected[reason as usize], 1);
+        self.rejected[reason as usize].fetch_add(1, Relaxed);
     }
 
     /// Acceptor only: `accept()` failed for lack of resources or the like.

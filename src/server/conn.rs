@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use super::admission::Permit;
-use crate::metrics::{CloseReason, LocalCounters};
+use super::proxied::{self, HeaderStep, HeaderWait};
+use crate::metrics::{CloseReason, LocalCounters, RejectReason};
 use crate::protocol::{Codec, Decoder};
 
 /// Most reads for one connection in one loop turn, so a busy client cannot starve
@@ -97,6 +98,9 @@ pub enum Next {
     Again,
     /// Close it now, for this reason.
     Close(CloseReason),
+    /// PROXY protocol: the header named a client over a limit. Already counted as
+    /// rejected (never accepted); refuse it like the acceptor would.
+    Reject(RejectReason),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +116,12 @@ enum State {
 /// One client connection.
 pub struct Conn {
     pub stream: TcpStream,
+    /// The client: the socket's peer, or the source in its PROXY header.
     pub peer: SocketAddr,
+    /// The balancer's address when `peer` came from a PROXY header.
+    pub via: Option<SocketAddr>,
+    /// PROXY protocol: still waiting for the header; no byte has reached the codec.
+    header: Option<Box<HeaderWait>>,
     /// Tells apart connections that reuse the same slab slot (stale timers).
     pub generation: u64,
     /// The deadline this connection's entry in the worker's timer heap has, if any.
@@ -121,7 +130,7 @@ pub struct Conn {
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Its admission; dropped (released) with the connection.
-    _permit: Permit,
+    permit: Permit,
     decoder: Decoder,
     /// Input read but not decoded yet: the replies to the first part of a read
     /// filled the queue. Decoded before anything more is read. At most one read,
@@ -152,7 +161,9 @@ impl Conn {
         Conn {
             stream,
             peer,
-            _permit: permit,
+            via: None,
+            header: None,
+            permit,
             held: Vec::new(),
             generation,
             timer_at: None,
@@ -171,6 +182,65 @@ impl Conn {
         }
     }
 
+    /// PROXY protocol: the connection must begin with a header (see `proxied`).
+    pub fn expect_proxy_header(mut self) -> Conn {
+        self.header = Some(Box::new(HeaderWait::new()));
+        self
+    }
+
+    /// Called as the connection is closed: a connection closed before its PROXY
+    /// header was decided is counted as accepted now (see `Permit::settle`), and
+    /// this says why it was closed then, for the warning.
+    pub fn settle(&mut self) -> Option<String> {
+        self.permit.settle();
+        self.header.as_ref().map(|w| w.describe())
+    }
+
+    /// Reads the PROXY header; once it is decided, hands the bytes after it to
+    /// the codec in this same turn (they wait in `held`, which `read_some`
+    /// decodes before reading again).
+    fn await_header(&mut self, ctx: &mut Ctx<'_>) -> Result<(), Next> {
+        let Some(wait) = self.header.as_mut() else {
+            return Ok(());
+        };
+        let want = ctx.limits.max_pending_write_bytes;
+        let step = proxied::read_header(
+            wait,
+            &mut self.stream,
+            ctx.buf,
+            want,
+            &mut ctx.counters.received_bytes,
+        );
+        self.bytes_in = wait.received() as u64;
+        match step {
+            HeaderStep::Wait => Err(Next::Wait),
+            HeaderStep::Done { header, start, end } => {
+                let socket_peer = self.peer;
+                self.peer = header.peer(socket_peer);
+                self.via = Some(socket_peer);
+                self.header = None;
+                self.last_read = ctx.now;
+                if let Err(reason) = self.permit.complete(self.peer.ip()) {
+                    return Err(Next::Reject(reason));
+                }
+                log::trace!("{}: PROXY header {header:?} via {socket_peer}", self.peer);
+                self.held.extend_from_slice(&ctx.buf[start..end]);
+                Ok(())
+            }
+            HeaderStep::Invalid => Err(Next::Close(CloseReason::ProtocolError)),
+            // A bare TCP connect check: nothing violated.
+            HeaderStep::Eof(true) => {
+                self.header = None;
+                Err(Next::Close(CloseReason::ClientClosed))
+            }
+            HeaderStep::Eof(false) => Err(Next::Close(CloseReason::ProtocolError)),
+            HeaderStep::Error(e) => {
+                self.header = None;
+                Err(Next::Close(classify(&e, ctx.counters)))
+            }
+        }
+    }
+
     /// Bytes owed to the client.
     pub fn owed(&self) -> usize {
         self.out.len() - self.out_pos
@@ -178,6 +248,18 @@ impl Conn {
 
     /// Flushes what is owed, reads what the client sent, answers it.
     pub fn drive(&mut self, ctx: &mut Ctx<'_>, hint: ReadHint) -> Next {
+        let mut hint = hint;
+        if self.header.is_some() {
+            if hint == ReadHint::Idle {
+                return Next::Wait;
+            }
+            if let Err(next) = self.await_header(ctx) {
+                return next;
+            }
+            // Header decided: decode what came with it, then read until EAGAIN
+            // (the edge that brought the header will not come again).
+            hint = ReadHint::Closed;
+        }
         let mut resumed = false;
         if self.owed() > 0 {
             if let Err(reason) = self.flush(ctx) {
@@ -413,6 +495,12 @@ impl Conn {
     /// no write progress for `write_timeout`. With both, the earlier one; either
     /// may be off (0) without turning the other off.
     pub fn deadline(&self, limits: &Limits) -> Option<(Instant, CloseReason)> {
+        if self.header.is_some() {
+            // From accept, not from the last byte: see `proxied`.
+            return limits
+                .idle_timeout
+                .map(|t| (self.opened + t, CloseReason::ProtocolError));
+        }
         if let State::Closing { since } = self.state {
             return Some((since + CLOSE_DRAIN_TIME, CloseReason::ProtocolError));
         }
