@@ -22,7 +22,12 @@ fn rejected(reason: &str) -> String {
 
 /// A v1 TCP4 header naming `source` as the client.
 fn v1(source: SocketAddr) -> Vec<u8> {
-    format!("PROXY TCP4 {} 10.0.0.1 {} 20000\r\n", source.ip(), source.port()).into_bytes()
+    format!(
+        "PROXY TCP4 {} 10.0.0.1 {} 20000\r\n",
+        source.ip(),
+        source.port()
+    )
+    .into_bytes()
 }
 
 /// A v2 PROXY (command 0x21) TCP over IPv4 header naming `source` as the client.
@@ -171,7 +176,11 @@ fn an_untrusted_peer_is_rejected_and_counted_without_a_word() {
     assert_eq!(s.metric(&rejected("untrusted_proxy")), 0.0);
     let mut c = connect_from(s.addr, Ipv4Addr::new(127, 0, 0, 3)).unwrap();
     let _ = c.write_all(&v1(client(11)));
-    assert_eq!(read_until_closed(&mut c), b"", "an untrusted peer got a reply");
+    assert_eq!(
+        read_until_closed(&mut c),
+        b"",
+        "an untrusted peer got a reply"
+    );
     s.wait_metric(&rejected("untrusted_proxy"), |v| v == 1.0);
     // A trusted one is served.
     let mut c = connect_from(s.addr, Ipv4Addr::new(127, 0, 0, 2)).unwrap();
@@ -377,7 +386,8 @@ fn without_proxy_protocol_a_header_is_just_data() {
     // The feature is off by default: the header is an ordinary line.
     let s = Server::start(&["--framing", "line"]);
     let mut c = s.connect();
-    c.write_all(b"PROXY TCP4 192.0.2.1 10.0.0.1 1 2\r\n").unwrap();
+    c.write_all(b"PROXY TCP4 192.0.2.1 10.0.0.1 1 2\r\n")
+        .unwrap();
     let mut got = Vec::new();
     let mut byte = [0u8; 1];
     while !got.ends_with(b"\n") && c.read(&mut byte).unwrap() == 1 {

@@ -264,6 +264,57 @@ mod tests {
         assert_eq!(active(&metrics), "sockpool_connections_active 0");
     }
 
+    fn series(m: &Metrics, name: &str) -> String {
+        let mut text = String::new();
+        m.render(&mut text);
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    }
+
+    #[test]
+    fn a_pending_permit_is_counted_once_when_decided() {
+        let metrics = Arc::new(Metrics::new(1, 10));
+        let a = Arc::new(Admission::new(10, 1, metrics.clone()));
+        let accepted = || series(&metrics, "sockpool_connections_accepted_total ");
+        let refused = || {
+            series(
+                &metrics,
+                "sockpool_connections_rejected_total{reason=\"per_ip_limit\"}",
+            )
+        };
+        // Global slot only: no address counted, nothing accepted yet.
+        let mut p1 = a.admit_pending().unwrap();
+        assert!(p1.pending());
+        assert_eq!((a.open(), a.addresses()), (1, 0));
+        assert_eq!(accepted(), "sockpool_connections_accepted_total 0");
+        p1.complete(ip(1)).unwrap();
+        p1.settle(); // no-op once decided
+        assert_eq!(accepted(), "sockpool_connections_accepted_total 1");
+        assert_eq!(a.addresses(), 1);
+        // Same address over the limit: rejected, not accepted; IPv4-mapped IPv6 is
+        // the same address.
+        let mut p2 = a.admit_pending().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(p2.complete(mapped).unwrap_err(), RejectReason::PerIpLimit);
+        p2.settle();
+        assert_eq!(
+            refused(),
+            "sockpool_connections_rejected_total{reason=\"per_ip_limit\"} 1"
+        );
+        assert_eq!(accepted(), "sockpool_connections_accepted_total 1");
+        drop(p2);
+        assert_eq!((a.open(), a.addresses()), (1, 1));
+        // Never decided (bad header): settled as accepted, no address.
+        let mut p3 = a.admit_pending().unwrap();
+        p3.settle();
+        assert_eq!(accepted(), "sockpool_connections_accepted_total 2");
+        drop((p1, p3));
+        assert_eq!((a.open(), a.addresses()), (0, 0));
+        assert_eq!(active(&metrics), "sockpool_connections_active 0");
+    }
+
     #[test]
     fn the_global_limit_is_checked_before_the_address() {
         let metrics = Arc::new(Metrics::new(1, 1));

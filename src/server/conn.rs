@@ -610,7 +610,7 @@ mod tests {
                 Next::Again => hint = ReadHint::Closed,
                 Next::Wait if conn.bytes_in == INPUT as u64 => break,
                 Next::Wait => hint = ReadHint::Readable,
-                Next::Close(reason) => panic!("closed: {reason:?}"),
+                other => panic!("ended: {other:?}"),
             }
             std::thread::sleep(Duration::from_millis(1));
         }
