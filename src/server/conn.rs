@@ -196,19 +196,22 @@ impl Conn {
         self.header.as_ref().map(|w| w.describe())
     }
 
-    /// Reads the PROXY header; once it is decided, hands the bytes after it to
-    /// the codec in this same turn (they wait in `held`, which `read_some`
-    /// decodes before reading again).
-    fn await_header(&mut self, ctx: &mut Ctx<'_>) -> Result<(), Next> {
+    /// Reads the PROXY header; once it is decided, answers the bytes that came
+    /// after it in the same read, in this same turn (what the replies leave
+    /// undecoded waits in `held`, as in `read_some`). `Ok(true)`: the read that
+    /// completed the header emptied the socket (a short read, nothing kept), so
+    /// the next edge will announce more; `Ok(false)`: read on now.
+    fn await_header(&mut self, ctx: &mut Ctx<'_>) -> Result<bool, Next> {
         let Some(wait) = self.header.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
-        let want = ctx.limits.max_pending_write_bytes;
+        // Nothing is owed yet: the whole queue is the room, as in `read_some`.
+        let room = ctx.limits.max_pending_write_bytes;
+        let want = room.clamp(1, ctx.buf.len());
         let step = proxied::read_header(
             wait,
             &mut self.stream,
-            ctx.buf,
-            want,
+            &mut ctx.buf[..want],
             &mut ctx.counters.received_bytes,
         );
         self.bytes_in = wait.received() as u64;
@@ -224,8 +227,19 @@ impl Conn {
                     return Err(Next::Reject(reason));
                 }
                 log::trace!("{}: PROXY header {header:?} via {socket_peer}", self.peer);
-                self.held.extend_from_slice(&ctx.buf[start..end]);
-                Ok(())
+                let input = std::mem::take(&mut ctx.buf);
+                let answered = self.answer(&input[start..end], room, ctx);
+                if let Ok(consumed) = answered {
+                    self.held.extend_from_slice(&input[start + consumed..end]);
+                }
+                ctx.buf = input;
+                match answered {
+                    Ok(_) => Ok(end < want && self.held.is_empty()),
+                    // A line too long, its error being flushed: `drive` goes on
+                    // to shut the write side once it is sent.
+                    Err(Next::Wait) => Ok(true),
+                    Err(next) => Err(next),
+                }
             }
             HeaderStep::Invalid => Err(Next::Close(CloseReason::ProtocolError)),
             // A bare TCP connect check: nothing violated.
@@ -253,12 +267,15 @@ impl Conn {
             if hint == ReadHint::Idle {
                 return Next::Wait;
             }
-            if let Err(next) = self.await_header(ctx) {
-                return next;
-            }
-            // Header decided: decode what came with it, then read until EAGAIN
-            // (the edge that brought the header will not come again).
-            hint = ReadHint::Closed;
+            hint = match self.await_header(ctx) {
+                Err(next) => return next,
+                // A short read emptied the socket and no FIN was known: the next
+                // byte or FIN brings an edge (see `read_some`'s `stop_short`).
+                Ok(true) if hint == ReadHint::Readable => ReadHint::Idle,
+                // Maybe more behind the header's read, or a FIN already seen, and
+                // no edge will say so: read until EAGAIN or EOF.
+                _ => ReadHint::Closed,
+            };
         }
         let mut resumed = false;
         if self.owed() > 0 {

@@ -124,6 +124,12 @@ impl HeaderWait {
         }
     }
 
+    /// Keeps the first bytes of a connection that has no header yet, to quote.
+    fn quote(&mut self, read: &[u8]) {
+        let room = (QUOTED_BYTES + 1).saturating_sub(self.began.len());
+        self.began.extend_from_slice(&read[..read.len().min(room)]);
+    }
+
     fn fail(&mut self, e: ProxyError) -> HeaderStep {
         self.failed = Some(e.to_string());
         HeaderStep::Invalid
@@ -131,19 +137,17 @@ impl HeaderWait {
 }
 
 /// Reads from `stream` into `buf` until the header is decided or the socket has
-/// nothing more. At most `want` bytes per read (the codec's bound on one read,
-/// since the payload after the header goes to it). Counts what it reads into
-/// `received_bytes`.
+/// nothing more. Each read asks for all of `buf` (the caller sizes it to the
+/// codec's bound on one read, since the payload after the header goes to it).
+/// Counts what it reads into `received_bytes`.
 pub fn read_header(
     wait: &mut HeaderWait,
     stream: &mut TcpStream,
     buf: &mut [u8],
-    want: usize,
     received_bytes: &mut u64,
 ) -> HeaderStep {
-    let want = want.clamp(1, buf.len());
     loop {
-        let n = match stream.read(&mut buf[..want]) {
+        let n = match stream.read(buf) {
             Ok(0) => return HeaderStep::Eof(wait.received == 0),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return HeaderStep::Wait,
@@ -152,12 +156,8 @@ pub fn read_header(
         };
         *received_bytes += n as u64;
         wait.received += n;
-        if wait.began.len() < QUOTED_BYTES + 1 {
-            let room = QUOTED_BYTES + 1 - wait.began.len();
-            wait.began.extend_from_slice(&buf[..n.min(room)]);
-        }
         match wait.reader.feed(&buf[..n]) {
-            Ok(None) => {}
+            // The usual case, a whole header in one read: nothing kept.
             Ok(Some((header, start))) => {
                 return HeaderStep::Done {
                     header,
@@ -165,7 +165,11 @@ pub fn read_header(
                     end: n,
                 }
             }
-            Err(e) => return wait.fail(e),
+            Ok(None) => wait.quote(&buf[..n]),
+            Err(e) => {
+                wait.quote(&buf[..n]);
+                return wait.fail(e);
+            }
         }
     }
 }
