@@ -28,6 +28,8 @@
 //! written for that long, whether or not bytes are owed; `write_timeout` closes
 //! one that has bytes owed and made no write progress for that long. Each is off
 //! at 0 and neither turns the other off: with bytes owed, whichever comes first.
+//! A connection still waiting for its PROXY header (see `proxied`) has one
+//! deadline instead: accept time + `idle_timeout`, closed as `protocol_error`.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
