@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-pub use workload::Mode;
+pub use workload::{Mode, ProxyVersion};
 
 /// Most load threads chosen by default: the generator must leave the server's core
 /// alone, and on the benchmark host it is pinned to one core of its own.
@@ -86,6 +86,11 @@ pub struct BenchArgs {
     /// Server process id: report its CPU time per message and RSS over the measured window.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Start each connection with a PROXY header (v1 or v2, default v2) naming the
+    /// client's own addresses, as HAProxy `send-proxy[-v2]` would: for a server
+    /// with `--proxy-protocol`.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "v2", value_name = "VERSION")]
+    pub proxy_header: Option<ProxyVersion>,
     /// Metrics address (HOST:PORT): GET /metrics every second while measuring.
     #[arg(long, value_name = "HOST:PORT")]
     pub scrape: Option<String>,
@@ -310,6 +315,24 @@ fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
     Ok(stream)
 }
 
+/// [`connect`], then the PROXY header if `--proxy-header` asks for one.
+fn connect_with(
+    addr: SocketAddr,
+    timeout: Duration,
+    proxy: Option<ProxyVersion>,
+) -> Result<TcpStream, String> {
+    let mut stream = connect(addr, timeout)?;
+    if let Some(version) = proxy {
+        let local = stream
+            .local_addr()
+            .map_err(|e| format!("local address of a connection to {addr}: {e}"))?;
+        stream
+            .write_all(&workload::proxy_header(version, local, addr))
+            .map_err(|e| format!("cannot send the PROXY header to {addr}: {e}"))?;
+    }
+    Ok(stream)
+}
+
 /// An idle held connection is still open when reading would block: no EOF, no reset,
 /// and nothing sent to it (such as a busy message before a close).
 fn still_open(stream: &TcpStream) -> bool {
@@ -482,15 +505,18 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
     // a clear message, before any thread is started.
     let mut streams = Vec::new();
     if args.churn {
-        drop(connect(addr, args.timeout)?);
+        drop(connect_with(addr, args.timeout, args.proxy_header)?);
     } else {
         for id in 0..slots {
-            streams.push((id as u64, connect(addr, args.timeout)?));
+            streams.push((
+                id as u64,
+                connect_with(addr, args.timeout, args.proxy_header)?,
+            ));
         }
     }
     let mut held = Vec::with_capacity(args.hold as usize);
     for i in 0..args.hold {
-        let stream = connect(addr, args.timeout)
+        let stream = connect_with(addr, args.timeout, args.proxy_header)
             .map_err(|e| format!("held connection {} of {}: {e}", i + 1, args.hold))?;
         held.push(stream);
     }
@@ -512,6 +538,7 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
             .map(|limit| limit / 2)
             .collect(),
         threads,
+        proxy_header: args.proxy_header,
     });
     let completed = Arc::new(AtomicU64::new(0));
     let running = Arc::new(AtomicU64::new(threads as u64));

@@ -708,7 +708,9 @@ pub static KEYS: &[Key] = &[
     Key {
         name: "server.proxy_protocol",
         doc: "Expect a PROXY v1/v2 header (HAProxy send-proxy[-v2]) on every connection.\n\
-              The address in it is the client for logs and max_connections_per_ip.",
+              The address in it is the client for logs and max_connections_per_ip.\n\
+              It must arrive within idle_timeout of the accept (no limit when that is 0),\n\
+              else the connection is closed as protocol_error.",
         example: None,
         flag: switch(
             "--proxy-protocol",

@@ -221,3 +221,46 @@ fn server_going_away_ends_the_run_with_an_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("connection error"), "{stderr}");
 }
+
+/// `--proxy-header`: every connection (churn, steady and held alike) starts with a
+/// header the server accepts, so a server with `--proxy-protocol` serves them all
+/// and counts no protocol error. Without the flag, that server closes each one.
+#[test]
+fn proxy_header_runs_against_a_proxy_protocol_server() {
+    let server = Server::start(&["--workers", "1", "--mode", "echo", "--proxy-protocol"]);
+    let addr = server.addr.to_string();
+    for version in ["v1", "v2"] {
+        let (ok, report, stderr) = bench_json(
+            &addr,
+            &[
+                "--churn",
+                "--connections",
+                "4",
+                "--churn-limit",
+                "400",
+                "--proxy-header",
+                version,
+            ],
+        );
+        assert_clean(ok, &report, &stderr);
+    }
+    // Steady connections plus held ones, the version left to its default (v2).
+    let (ok, report, stderr) = bench_json(
+        &addr,
+        &["--connections", "4", "--hold", "3", "--proxy-header"],
+    );
+    assert_clean(ok, &report, &stderr);
+    server.wait_metric("sockpool_connections_active", |v| v == 0.0);
+    assert_eq!(
+        server.metric("sockpool_connections_closed_total{reason=\"protocol_error\"}"),
+        0.0,
+        "{}",
+        server.log()
+    );
+    // The same run without headers fails: the server wants one.
+    let (ok, _, _) = bench_json(&addr, &["--connections", "2", "--duration", "300ms"]);
+    assert!(
+        !ok,
+        "bench without --proxy-header passed against --proxy-protocol"
+    );
+}

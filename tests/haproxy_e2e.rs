@@ -5,13 +5,15 @@
 //! real Prometheus through the shipped `config/prometheus/prometheus-fleet.yml`
 //! (file_sd). A bounded churn load (one line per connection, every reply checked)
 //! plus a few long-lived connections run through HAProxy while each instance is
-//! restarted in turn with `drain_delay = 1s`:
+//! restarted in turn with `drain_delay = 1s` (each staying down for
+//! `RESTART_GAP`, longer than HAProxy's `timeout connect`, as a real restart may):
 //!
 //! - no client connection fails;
 //! - a long-lived connection on a restarted instance ends with EOF, not a reset,
 //!   and not before that instance's drain delay + grace;
-//! - the connections the instances accepted (one `closed reason=` debug line each)
-//!   are as many as HAProxy's backend sessions;
+//! - the connections the instances accepted (one `closed reason=` debug line each,
+//!   and the sum of each process's final `accepted_total`, scraped during its
+//!   `metrics_linger`) are as many as HAProxy's backend sessions;
 //! - the instances log the clients' own addresses (127.64.x.y), never HAProxy's;
 //! - Prometheus sees 3 targets up, and its fleet sum equals the instances' own.
 //!
@@ -47,6 +49,16 @@ const LOAD_MIN: Duration = Duration::from_secs(15);
 const LOAD_MAX: Duration = Duration::from_secs(90);
 const LOAD_MAX_CONNECTIONS: u64 = 60_000;
 const LOAD_THREADS: usize = 6;
+/// The churn load is paced to about this many connections/s (issue 11: at least
+/// 1,000/s), so that it lasts through every restart instead of reaching
+/// `LOAD_MAX_CONNECTIONS` early on a fast machine; a slow one simply goes slower.
+const LOAD_RATE: u32 = 1_500;
+/// How long a restarted instance stays down before the new process starts (a real
+/// restart takes a while: a unit's ExecStartPre, a container start). Longer than
+/// HAProxy's `timeout connect` (2 s), so that a connection HAProxy sends to the
+/// closed instance is not saved by its SYN retransmit (1 s later) reaching the
+/// new process; only the drain delay saves it, by taking the instance out first.
+const RESTART_GAP: Duration = Duration::from_millis(2_500);
 const LONG_LIVED: usize = 6;
 /// Bound on every wait for HAProxy or Prometheus.
 const TOOL_WAIT: Duration = Duration::from_secs(60);
@@ -171,6 +183,9 @@ struct Instance {
     old_logs: Vec<String>,
     /// When each process in this slot was sent SIGTERM.
     stopped_at: Vec<Instant>,
+    /// Each exited process's final `sockpool_connections_accepted_total`, scraped
+    /// during its `metrics_linger` (after every connection closed).
+    final_accepted: Vec<f64>,
 }
 
 impl Instance {
@@ -189,6 +204,7 @@ impl Instance {
              framing = \"line\"\n\
              [shutdown]\n\
              grace = \"{}s\"\n\
+             metrics_linger = \"1s\"\n\
              [metrics]\n\
              listen = \"{metrics}\"\n\
              [log]\n\
@@ -204,6 +220,7 @@ impl Instance {
             server: None,
             old_logs: Vec::new(),
             stopped_at: Vec::new(),
+            final_accepted: Vec::new(),
         };
         inst.start();
         inst
@@ -225,6 +242,9 @@ impl Instance {
         let mut s = self.server.take().expect("instance running");
         self.stopped_at.push(Instant::now());
         s.signal(rustix::process::Signal::TERM);
+        s.wait_log("keeping /metrics up");
+        self.final_accepted
+            .push(s.metric("sockpool_connections_accepted_total"));
         let status = s.wait_exit();
         assert!(
             status.success(),
@@ -620,11 +640,18 @@ struct Load {
 /// Bounded by `LOAD_MAX` and `LOAD_MAX_CONNECTIONS` even if nobody stops them.
 fn churn(load: Arc<Load>, front: SocketAddr) -> Vec<std::thread::JoinHandle<()>> {
     let begun = Instant::now();
+    let period = Duration::from_secs(LOAD_THREADS as u64) / LOAD_RATE;
     (0..LOAD_THREADS)
         .map(|_| {
             let load = load.clone();
             std::thread::spawn(move || {
+                let mut next = Instant::now();
                 while !load.stop.load(Ordering::Relaxed) && begun.elapsed() < LOAD_MAX {
+                    // Pacing only: behind schedule (a slow machine), no wait.
+                    next += period;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
                     let n = load.started.fetch_add(1, Ordering::Relaxed);
                     if n >= LOAD_MAX_CONNECTIONS {
                         return;
@@ -768,6 +795,7 @@ fn restarts_behind_haproxy_lose_no_connection() {
         // drain_delay (1 s of 503 from /-/ready) is longer than HAProxy's
         // `inter 500ms fall 1`: it has taken the instance out before it exited.
         haproxy.wait_status(&name, "DOWN");
+        std::thread::sleep(RESTART_GAP);
         inst.start();
         haproxy.wait_status(&name, "UP");
     }
@@ -856,7 +884,16 @@ fn restarts_behind_haproxy_lose_no_connection() {
         .expect("HAProxy backend stot");
     assert_eq!(
         accepted, sessions,
-        "instances' accepted connections vs HAProxy's sessions"
+        "instances' accepted connections (closed lines) vs HAProxy's sessions"
+    );
+    let accepted_total: f64 = instances.iter().flat_map(|i| &i.final_accepted).sum();
+    println!(
+        "sockpool accepted_total summed over {} processes: {accepted_total}; HAProxy backend sessions: {sessions}",
+        instances.iter().map(|i| i.final_accepted.len()).sum::<usize>()
+    );
+    assert_eq!(
+        accepted_total, sessions as f64,
+        "summed sockpool_connections_accepted_total vs HAProxy's sessions"
     );
 
     // Long-lived connections: those on a restarted instance ended with EOF, closed as
@@ -906,6 +943,7 @@ fn restarts_without_drain_delay_or_redispatch_cost_errors() {
     while load.errors.lock().unwrap().is_empty() && restarts < 10 {
         let i = restarts % instances.len();
         instances[i].stop();
+        std::thread::sleep(RESTART_GAP);
         instances[i].start();
         haproxy.wait_status(&format!("sockpool{}", i + 1), "UP");
         restarts += 1;

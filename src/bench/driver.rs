@@ -53,6 +53,9 @@ pub struct Plan {
     pub churn_warmup_limits: Vec<u64>,
     /// Churn: number of threads, so each thread takes its own source addresses.
     pub threads: usize,
+    /// `--proxy-header`: a PROXY header with the connection's own addresses goes
+    /// out first, with its first request (as a balancer sends it).
+    pub proxy_header: Option<super::workload::ProxyVersion>,
 }
 
 /// What one load thread measured.
@@ -335,6 +338,17 @@ impl Driver<'_> {
             return self.report.error(format!("register: {e}"));
         }
         let mut conn = Conn::new(stream, n, now, true);
+        if let Some(version) = self.plan.proxy_header {
+            // The source port is bound before the connect completes.
+            match conn.stream.local_addr() {
+                Ok(local) => conn.out.extend_from_slice(&super::workload::proxy_header(
+                    version,
+                    local,
+                    self.plan.addr,
+                )),
+                Err(e) => return self.report.error(format!("local address: {e}")),
+            }
+        }
         conn.queue(&self.plan.workload, now);
         self.conns[slot] = Some(conn);
     }

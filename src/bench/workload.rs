@@ -6,6 +6,61 @@
 //! comparison. The payload alphabet has no `\n` and no `"`, so ack-line replies are
 //! unambiguous.
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+/// Which PROXY protocol header `--proxy-header` sends first on each connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyVersion {
+    /// Text: `PROXY TCP4 <src> <dst> <sport> <dport>\r\n`.
+    V1,
+    /// Binary, as HAProxy `send-proxy-v2` sends it.
+    V2,
+}
+
+/// A PROXY header naming `source` (the client's own address) and `destination`,
+/// as a balancer in front of the server would send it.
+pub fn proxy_header(version: ProxyVersion, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    // Both addresses must be of one family; an IPv4 source towards an IPv6 server
+    // is written as IPv4-mapped IPv6, as HAProxy does.
+    let (src, dst) = match (source, destination) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => (IpAddr::V4(*s.ip()), IpAddr::V4(*d.ip())),
+        (s, d) => (IpAddr::V6(to_v6(s.ip())), IpAddr::V6(to_v6(d.ip()))),
+    };
+    let (sport, dport) = (source.port(), destination.port());
+    match version {
+        ProxyVersion::V1 => {
+            let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!("PROXY {family} {src} {dst} {sport} {dport}\r\n").into_bytes()
+        }
+        ProxyVersion::V2 => {
+            let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21".to_vec();
+            match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    h.extend_from_slice(&[0x11, 0, 12]);
+                    h.extend_from_slice(&s.octets());
+                    h.extend_from_slice(&d.octets());
+                }
+                (s, d) => {
+                    h.extend_from_slice(&[0x21, 0, 36]);
+                    h.extend_from_slice(&to_v6(s).octets());
+                    h.extend_from_slice(&to_v6(d).octets());
+                }
+            }
+            h.extend_from_slice(&sport.to_be_bytes());
+            h.extend_from_slice(&dport.to_be_bytes());
+            h
+        }
+    }
+}
+
+fn to_v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
 /// Request/reply shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -104,6 +159,37 @@ impl Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_headers_parse_back_to_the_addresses_they_name() {
+        use crate::protocol::proxy::{parse_header, ProxyHeader};
+        let cases: [(SocketAddr, SocketAddr); 3] = [
+            (
+                "127.0.1.7:40001".parse().unwrap(),
+                "127.0.0.1:20000".parse().unwrap(),
+            ),
+            (
+                "[2001:db8::7]:443".parse().unwrap(),
+                "[::1]:20000".parse().unwrap(),
+            ),
+            (
+                "127.0.1.7:40001".parse().unwrap(),
+                "[::1]:20000".parse().unwrap(),
+            ),
+        ];
+        for (src, dst) in cases {
+            for version in [ProxyVersion::V1, ProxyVersion::V2] {
+                let h = proxy_header(version, src, dst);
+                let (parsed, used) = parse_header(&h).unwrap().unwrap();
+                assert_eq!(used, h.len(), "{version:?} {src} {dst}");
+                let ProxyHeader::Proxied { source, .. } = parsed else {
+                    panic!("{version:?} {src}: {parsed:?}")
+                };
+                assert_eq!(source.port(), src.port());
+                assert_eq!(source.ip().to_canonical(), src.ip().to_canonical());
+            }
+        }
+    }
 
     #[test]
     fn echo_reply_is_the_request() {

@@ -6,10 +6,12 @@
 //! sums them. Workers also batch their per-message counts in a [`LocalCounters`]
 //! and publish them once per event-loop turn, so a scrape is current to within one
 //! loop turn (well under a second) and the hot path touches no shared cache line.
-//! The acceptor's counters are written by the acceptor alone. `active` is the one
-//! value written by several threads (admission adds, a dropped permit subtracts),
-//! so it is a true atomic read-modify-write; it changes once per connection, not
-//! per message. It only reports: the limits are enforced by `server::admission`.
+//! The accept-error counters are written by the acceptor alone. `accepted`,
+//! `rejected` and `active` are written by several threads (the acceptor, and with
+//! the PROXY protocol the worker that reads the header; admission and dropped
+//! permits for `active`), so they are true atomic read-modify-writes; they change
+//! once per connection, not per message. `active` only reports: the limits are
+//! enforced by `server::admission`.
 //!
 //! Exposition: the hot path knows nothing of the `prometheus` crate. Its
 //! [`Registry`] holds a custom [`Collector`] (`collect::PoolCollector`) that reads and
@@ -85,7 +87,7 @@ pub enum RejectReason {
     MaxConnections,
     PerIpLimit,
     ShuttingDown,
-    /// `server.proxy_protocol` is on and the peer is not in `proxy_trusted`.
+    /// `server.proxy_protocol` is on and the peer is not in `server.proxy_trusted`.
     UntrustedProxy,
 }
 
@@ -179,6 +181,13 @@ impl WorkerStats {
         bump(&self.duration_sum_nanos, lifetime.as_nanos() as u64);
     }
 
+    /// A connection of this worker was refused after its PROXY header (counted
+    /// as rejected, never as closed).
+    pub fn connection_refused(&self) {
+        self.connections
+            .store(self.connections.load(Relaxed).saturating_sub(1), Relaxed);
+    }
+
     /// Connections this worker owns now (read by the acceptor to pick a worker).
     pub fn connections(&self) -> u64 {
         self.connections.load(Relaxed)
@@ -249,9 +258,11 @@ impl Metrics {
         &self.counters.workers[i]
     }
 
-    /// Acceptor only: a connection was handed to a worker.
+    /// A connection was handed to a worker (the acceptor), or, with the PROXY
+    /// protocol, its header was decided (a worker): several writers, so a true
+    /// atomic add; once per connection, not per message.
     pub fn accepted(&self) {
-        bump(&self.counters.accepted, 1);
+        self.counters.accepted.fetch_add(1, Relaxed);
     }
 
     /// Admission: a connection was admitted (its permit taken).
@@ -279,9 +290,10 @@ impl Metrics {
             .sum()
     }
 
-    /// Acceptor only: a connection was refused.
+    /// A connection was refused: by the acceptor, or (`per_ip_limit` behind a
+    /// PROXY header) by a worker. Several writers, so a true atomic add.
     pub fn rejected(&self, reason: RejectReason) {
-        bump(&self.counters.rejected[reason as usize], 1);
+        self.counters.rejected[reason as usize].fetch_add(1, Relaxed);
     }
 
     /// Acceptor only: `accept()` failed for lack of resources or the like.

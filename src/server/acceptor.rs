@@ -235,10 +235,23 @@ impl Acceptor {
         let shared = self.shared.clone();
         // No check of `stopping` here: every connection accepted before the
         // listener closes is served (the drain delay and the final accepts).
-        let permit = match shared.admission.admit(peer.ip()) {
+        let permit = match &shared.proxy_trusted {
+            None => shared.admission.admit(peer.ip()),
+            // PROXY protocol: the per-IP limit waits for the header's address.
+            Some(trusted) => match super::proxied::admit(trusted, &shared.admission, peer) {
+                Ok(permit) => Ok(permit),
+                Err(RejectReason::UntrustedProxy) => {
+                    return super::proxied::reject_untrusted(&shared.metrics, stream, peer)
+                }
+                Err(reason) => Err(reason),
+            },
+        };
+        let permit = match permit {
             Ok(permit) => permit,
             Err(reason) => return self.reject(stream, peer, reason),
         };
+        // A pending permit is counted (accepted or rejected) when its header is.
+        let count = !permit.pending();
         let first = self.pick_worker();
         let mut handoff = Handoff {
             stream,
@@ -250,21 +263,23 @@ impl Acceptor {
         for k in 0..self.workers.len() {
             let i = (first + k) % self.workers.len();
             match self.workers[i].tx.try_send(handoff) {
-                Ok(()) => return self.handed(i),
+                Ok(()) => return self.handed(i, count),
                 Err(TrySendError::Full(h)) | Err(TrySendError::Disconnected(h)) => handoff = h,
             }
         }
         self.wake_workers();
         match self.workers[first].tx.send(handoff) {
-            Ok(()) => self.handed(first),
+            Ok(()) => self.handed(first, count),
             // Dropping the hand-off closes the socket and releases its permit.
             Err(lost) => log::error!("{}: worker-{first} is gone; closing", lost.0.peer),
         }
     }
 
-    fn handed(&mut self, worker: usize) {
+    fn handed(&mut self, worker: usize, count: bool) {
         self.to_wake[worker] = true;
-        self.shared.metrics.accepted();
+        if count {
+            self.shared.metrics.accepted();
+        }
     }
 
     /// The worker with the fewest connections (queued ones included), starting the

@@ -7,7 +7,16 @@
 //! is gone). Nothing is released by hand, so no path can forget to.
 //!
 //! Both limits live here: `max_connections` (global) and `max_connections_per_ip`
-//! (a table of open connections per client address). This is control state; the
+//! (a table of open connections per client address).
+//!
+//! With the PROXY protocol the client's address is known only once its header has
+//! arrived, so admission comes in two steps: the acceptor takes a *pending*
+//! permit ([`Admission::admit_pending`], the global slot only: a connection
+//! waiting for its header holds an fd), and the worker completes it with the
+//! header's address ([`Permit::complete`], the per-IP slot). The accepted and
+//! rejected counts of such a connection are made here, when it is decided, so
+//! that a per-IP refusal is a rejection in both modes and `accepted_total`
+//! counts the same connections HAProxy counts as sessions. This is control state; the
 //! `sockpool_connections_active` gauge in [`Metrics`] only reports it and is moved
 //! by the same two events.
 
@@ -40,11 +49,17 @@ pub struct Permit {
     admission: Arc<Admission>,
     /// The address counted in the per-IP table, if the table is in use.
     ip: Option<IpAddr>,
+    /// Taken before the client's address was known (PROXY protocol): neither
+    /// counted as accepted nor as rejected yet, and no per-IP slot.
+    pending: bool,
 }
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit").field("ip", &self.ip).finish()
+        f.debug_struct("Permit")
+            .field("ip", &self.ip)
+            .field("pending", &self.pending)
+            .finish()
     }
 }
 
@@ -62,33 +77,64 @@ impl Admission {
     /// Takes a permit for a connection from `ip`, or says which limit refuses it.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, RejectReason> {
         // Take a global slot first (never past the limit, whoever else admits)...
-        let taken = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_connections).then_some(n + 1)
-            });
-        if taken.is_err() {
-            return Err(RejectReason::MaxConnections);
-        }
+        self.take_global()?;
         // ...then the address's; giving the global one back if that refuses.
-        let ip = if self.per_ip_limit == 0 {
-            None
-        } else {
-            let mut table = self.table();
-            let n = table.entry(ip).or_insert(0);
-            if *n >= self.per_ip_limit {
-                drop(table);
+        let ip = match self.take_ip(ip) {
+            Ok(ip) => ip,
+            Err(reason) => {
                 self.open.fetch_sub(1, Ordering::AcqRel);
-                return Err(RejectReason::PerIpLimit);
+                return Err(reason);
             }
-            *n += 1;
-            Some(ip)
         };
         self.metrics.connection_admitted();
         Ok(Permit {
             admission: self.clone(),
             ip,
+            pending: false,
         })
+    }
+
+    /// PROXY protocol: takes the global slot for a connection whose client is not
+    /// known yet. The worker completes it ([`Permit::complete`]) once the header
+    /// names the client, or settles it ([`Permit::settle`]) if none comes.
+    pub fn admit_pending(self: &Arc<Self>) -> Result<Permit, RejectReason> {
+        self.take_global()?;
+        self.metrics.connection_admitted();
+        Ok(Permit {
+            admission: self.clone(),
+            ip: None,
+            pending: true,
+        })
+    }
+
+    fn take_global(&self) -> Result<(), RejectReason> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_connections).then_some(n + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| RejectReason::MaxConnections)
+    }
+
+    /// Counts `ip` in the per-IP table: the address to give back, if the table is
+    /// in use.
+    fn take_ip(&self, ip: IpAddr) -> Result<Option<IpAddr>, RejectReason> {
+        if self.per_ip_limit == 0 {
+            return Ok(None);
+        }
+        // One key per address: an IPv4 client of a dual-stack listener (or in an
+        // IPv6 PROXY header) is `::ffff:a.b.c.d`, the same client as `a.b.c.d`.
+        let ip = ip.to_canonical();
+        let mut table = self.table();
+        let n = table.entry(ip).or_insert(0);
+        if *n >= self.per_ip_limit {
+            if *n == 0 {
+                table.remove(&ip);
+            }
+            return Err(RejectReason::PerIpLimit);
+        }
+        *n += 1;
+        Ok(Some(ip))
     }
 
     /// Permits alive now.
@@ -105,6 +151,45 @@ impl Admission {
         // A panic elsewhere while holding the lock leaves a consistent table: every
         // update is a single step.
         self.per_ip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Permit {
+    /// Whether this permit still waits for its client's address (PROXY protocol).
+    pub fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Completes a pending permit with the client's address from its PROXY
+    /// header: takes the per-IP slot and counts the connection as accepted, or
+    /// counts it as rejected (`per_ip_limit`); the caller then closes it (the
+    /// global slot goes back when the permit is dropped). No-op on a permit that
+    /// is not pending.
+    pub fn complete(&mut self, ip: IpAddr) -> Result<(), RejectReason> {
+        if !std::mem::take(&mut self.pending) {
+            return Ok(());
+        }
+        let a = &self.admission;
+        match a.take_ip(ip) {
+            Ok(ip) => {
+                self.ip = ip;
+                a.metrics.accepted();
+                Ok(())
+            }
+            Err(reason) => {
+                a.metrics.rejected(reason);
+                Err(reason)
+            }
+        }
+    }
+
+    /// A pending permit whose connection ends before its header was decided
+    /// (bad or missing header, shutdown, I/O error): counted as accepted, so the
+    /// close that follows keeps `accepted = sum(closed) + active`. No-op otherwise.
+    pub fn settle(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            self.admission.metrics.accepted();
+        }
     }
 }
 
@@ -175,6 +260,57 @@ mod tests {
         assert_eq!(a.addresses(), 1);
         let again = a.admit(ip(1)).unwrap();
         drop((other, again));
+        assert_eq!((a.open(), a.addresses()), (0, 0));
+        assert_eq!(active(&metrics), "sockpool_connections_active 0");
+    }
+
+    fn series(m: &Metrics, name: &str) -> String {
+        let mut text = String::new();
+        m.render(&mut text);
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or("")
+            .to_string()
+    }
+
+    #[test]
+    fn a_pending_permit_is_counted_once_when_decided() {
+        let metrics = Arc::new(Metrics::new(1, 10));
+        let a = Arc::new(Admission::new(10, 1, metrics.clone()));
+        let accepted = || series(&metrics, "sockpool_connections_accepted_total ");
+        let refused = || {
+            series(
+                &metrics,
+                "sockpool_connections_rejected_total{reason=\"per_ip_limit\"}",
+            )
+        };
+        // Global slot only: no address counted, nothing accepted yet.
+        let mut p1 = a.admit_pending().unwrap();
+        assert!(p1.pending());
+        assert_eq!((a.open(), a.addresses()), (1, 0));
+        assert_eq!(accepted(), "sockpool_connections_accepted_total 0");
+        p1.complete(ip(1)).unwrap();
+        p1.settle(); // no-op once decided
+        assert_eq!(accepted(), "sockpool_connections_accepted_total 1");
+        assert_eq!(a.addresses(), 1);
+        // Same address over the limit: rejected, not accepted; IPv4-mapped IPv6 is
+        // the same address.
+        let mut p2 = a.admit_pending().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(p2.complete(mapped).unwrap_err(), RejectReason::PerIpLimit);
+        p2.settle();
+        assert_eq!(
+            refused(),
+            "sockpool_connections_rejected_total{reason=\"per_ip_limit\"} 1"
+        );
+        assert_eq!(accepted(), "sockpool_connections_accepted_total 1");
+        drop(p2);
+        assert_eq!((a.open(), a.addresses()), (1, 1));
+        // Never decided (bad header): settled as accepted, no address.
+        let mut p3 = a.admit_pending().unwrap();
+        p3.settle();
+        assert_eq!(accepted(), "sockpool_connections_accepted_total 2");
+        drop((p1, p3));
         assert_eq!((a.open(), a.addresses()), (0, 0));
         assert_eq!(active(&metrics), "sockpool_connections_active 0");
     }

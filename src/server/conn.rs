@@ -28,6 +28,8 @@
 //! written for that long, whether or not bytes are owed; `write_timeout` closes
 //! one that has bytes owed and made no write progress for that long. Each is off
 //! at 0 and neither turns the other off: with bytes owed, whichever comes first.
+//! A connection still waiting for its PROXY header (see `proxied`) has one
+//! deadline instead: accept time + `idle_timeout`, closed as `protocol_error`.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -36,7 +38,8 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use super::admission::Permit;
-use crate::metrics::{CloseReason, LocalCounters};
+use super::proxied::{self, HeaderStep, HeaderWait};
+use crate::metrics::{CloseReason, LocalCounters, RejectReason};
 use crate::protocol::{Codec, Decoder};
 
 /// Most reads for one connection in one loop turn, so a busy client cannot starve
@@ -97,6 +100,9 @@ pub enum Next {
     Again,
     /// Close it now, for this reason.
     Close(CloseReason),
+    /// PROXY protocol: the header named a client over a limit. Already counted as
+    /// rejected (never accepted); refuse it like the acceptor would.
+    Reject(RejectReason),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +118,12 @@ enum State {
 /// One client connection.
 pub struct Conn {
     pub stream: TcpStream,
+    /// The client: the socket's peer, or the source in its PROXY header.
     pub peer: SocketAddr,
+    /// The balancer's address when `peer` came from a PROXY header.
+    pub via: Option<SocketAddr>,
+    /// PROXY protocol: still waiting for the header; no byte has reached the codec.
+    header: Option<Box<HeaderWait>>,
     /// Tells apart connections that reuse the same slab slot (stale timers).
     pub generation: u64,
     /// The deadline this connection's entry in the worker's timer heap has, if any.
@@ -121,7 +132,7 @@ pub struct Conn {
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Its admission; dropped (released) with the connection.
-    _permit: Permit,
+    permit: Permit,
     decoder: Decoder,
     /// Input read but not decoded yet: the replies to the first part of a read
     /// filled the queue. Decoded before anything more is read. At most one read,
@@ -152,7 +163,9 @@ impl Conn {
         Conn {
             stream,
             peer,
-            _permit: permit,
+            via: None,
+            header: None,
+            permit,
             held: Vec::new(),
             generation,
             timer_at: None,
@@ -171,6 +184,79 @@ impl Conn {
         }
     }
 
+    /// PROXY protocol: the connection must begin with a header (see `proxied`).
+    pub fn expect_proxy_header(mut self) -> Conn {
+        self.header = Some(Box::new(HeaderWait::new()));
+        self
+    }
+
+    /// Called as the connection is closed: a connection closed before its PROXY
+    /// header was decided is counted as accepted now (see `Permit::settle`), and
+    /// this says why it was closed then, for the warning.
+    pub fn settle(&mut self) -> Option<String> {
+        self.permit.settle();
+        self.header.as_ref().map(|w| w.describe())
+    }
+
+    /// Reads the PROXY header; once it is decided, answers the bytes that came
+    /// after it in the same read, in this same turn (what the replies leave
+    /// undecoded waits in `held`, as in `read_some`). `Ok(true)`: the read that
+    /// completed the header emptied the socket (a short read, nothing kept), so
+    /// the next edge will announce more; `Ok(false)`: read on now.
+    fn await_header(&mut self, ctx: &mut Ctx<'_>) -> Result<bool, Next> {
+        let Some(wait) = self.header.as_mut() else {
+            return Ok(false);
+        };
+        // Nothing is owed yet: the whole queue is the room, as in `read_some`.
+        let room = ctx.limits.max_pending_write_bytes;
+        let want = room.clamp(1, ctx.buf.len());
+        let step = proxied::read_header(
+            wait,
+            &mut self.stream,
+            &mut ctx.buf[..want],
+            &mut ctx.counters.received_bytes,
+        );
+        self.bytes_in = wait.received() as u64;
+        match step {
+            HeaderStep::Wait => Err(Next::Wait),
+            HeaderStep::Done { header, start, end } => {
+                let socket_peer = self.peer;
+                self.peer = header.peer(socket_peer);
+                self.via = Some(socket_peer);
+                self.header = None;
+                self.last_read = ctx.now;
+                if let Err(reason) = self.permit.complete(self.peer.ip()) {
+                    return Err(Next::Reject(reason));
+                }
+                log::trace!("{}: PROXY header {header:?} via {socket_peer}", self.peer);
+                let input = std::mem::take(&mut ctx.buf);
+                let answered = self.answer(&input[start..end], room, ctx);
+                if let Ok(consumed) = answered {
+                    self.held.extend_from_slice(&input[start + consumed..end]);
+                }
+                ctx.buf = input;
+                match answered {
+                    Ok(_) => Ok(end < want && self.held.is_empty()),
+                    // A line too long, its error being flushed: `drive` goes on
+                    // to shut the write side once it is sent.
+                    Err(Next::Wait) => Ok(true),
+                    Err(next) => Err(next),
+                }
+            }
+            HeaderStep::Invalid => Err(Next::Close(CloseReason::ProtocolError)),
+            // A bare TCP connect check: nothing violated.
+            HeaderStep::Eof(true) => {
+                self.header = None;
+                Err(Next::Close(CloseReason::ClientClosed))
+            }
+            HeaderStep::Eof(false) => Err(Next::Close(CloseReason::ProtocolError)),
+            HeaderStep::Error(e) => {
+                self.header = None;
+                Err(Next::Close(classify(&e, ctx.counters)))
+            }
+        }
+    }
+
     /// Bytes owed to the client.
     pub fn owed(&self) -> usize {
         self.out.len() - self.out_pos
@@ -178,6 +264,21 @@ impl Conn {
 
     /// Flushes what is owed, reads what the client sent, answers it.
     pub fn drive(&mut self, ctx: &mut Ctx<'_>, hint: ReadHint) -> Next {
+        let mut hint = hint;
+        if self.header.is_some() {
+            if hint == ReadHint::Idle {
+                return Next::Wait;
+            }
+            hint = match self.await_header(ctx) {
+                Err(next) => return next,
+                // A short read emptied the socket and no FIN was known: the next
+                // byte or FIN brings an edge (see `read_some`'s `stop_short`).
+                Ok(true) if hint == ReadHint::Readable => ReadHint::Idle,
+                // Maybe more behind the header's read, or a FIN already seen, and
+                // no edge will say so: read until EAGAIN or EOF.
+                _ => ReadHint::Closed,
+            };
+        }
         let mut resumed = false;
         if self.owed() > 0 {
             if let Err(reason) = self.flush(ctx) {
@@ -413,6 +514,12 @@ impl Conn {
     /// no write progress for `write_timeout`. With both, the earlier one; either
     /// may be off (0) without turning the other off.
     pub fn deadline(&self, limits: &Limits) -> Option<(Instant, CloseReason)> {
+        if self.header.is_some() {
+            // From accept, not from the last byte: see `proxied`.
+            return limits
+                .idle_timeout
+                .map(|t| (self.opened + t, CloseReason::ProtocolError));
+        }
         if let State::Closing { since } = self.state {
             return Some((since + CLOSE_DRAIN_TIME, CloseReason::ProtocolError));
         }
@@ -522,7 +629,7 @@ mod tests {
                 Next::Again => hint = ReadHint::Closed,
                 Next::Wait if conn.bytes_in == INPUT as u64 => break,
                 Next::Wait => hint = ReadHint::Readable,
-                Next::Close(reason) => panic!("closed: {reason:?}"),
+                other => panic!("ended: {other:?}"),
             }
             std::thread::sleep(Duration::from_millis(1));
         }

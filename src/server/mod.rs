@@ -23,6 +23,7 @@ mod acceptor;
 pub mod admission;
 pub mod conn;
 mod listen;
+mod proxied;
 mod worker;
 
 use std::fmt;
@@ -65,6 +66,9 @@ pub struct Shared {
     /// The data listener came from systemd and outlives us: at shutdown the acceptor
     /// only stops accepting (the next instance takes what is queued).
     pub listener_inherited: bool,
+    /// `server.proxy_trusted` when `server.proxy_protocol` is on; `None` when off.
+    /// The acceptor rejects other peers; workers read a header first.
+    pub proxy_trusted: Option<Vec<crate::config::Cidr>>,
     /// Where the drain started from, for its summary; set by the first trigger.
     drain: Mutex<Option<DrainStart>>,
 }
@@ -273,6 +277,10 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
         timeout_log: SharedRateLimit::new(WARN_BURST, WARN_WINDOW),
         drain_delay: config.shutdown.drain_delay,
         listener_inherited: data_inherited,
+        proxy_trusted: config
+            .server
+            .proxy_protocol
+            .then(|| config.server.proxy_trusted.clone()),
         drain: Mutex::new(None),
     });
     let ready = Arc::new(AtomicBool::new(true));

@@ -20,7 +20,7 @@ use slab::Slab;
 use super::admission::Permit;
 use super::conn::{Conn, Ctx, Limits, Next, ReadHint};
 use super::Shared;
-use crate::metrics::{CloseReason, LocalCounters};
+use crate::metrics::{CloseReason, LocalCounters, RejectReason};
 use crate::warn_limited;
 
 /// The token of the worker's `Waker`.
@@ -108,6 +108,8 @@ pub struct Worker {
     next_generation: u64,
     shared: Arc<Shared>,
     limits: Limits,
+    /// `server.busy_message`, for a client refused after its PROXY header.
+    busy_message: Vec<u8>,
     grace: Duration,
     /// Set once the acceptor has gone: the time by which everything must close.
     drain_deadline: Option<Instant>,
@@ -142,6 +144,7 @@ impl Worker {
                 idle_timeout: config.connection.idle_timeout,
                 write_timeout: config.connection.write_timeout,
             },
+            busy_message: config.server.busy_message.clone().into_bytes(),
             grace: config.shutdown.grace,
             drain_deadline: None,
             counters: LocalCounters::default(),
@@ -267,18 +270,24 @@ impl Worker {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             log::warn!("{peer}: cannot register with worker-{}: {e}", self.id);
+            let mut permit = permit;
+            permit.settle(); // PROXY protocol: accepted, then closed
             stats.connection_closed(CloseReason::IoError, Duration::ZERO);
             return; // dropping the stream and the permit closes and releases it
         }
         self.next_generation += 1;
-        entry.insert(Conn::new(
+        let conn = Conn::new(
             stream,
             peer,
             permit,
             self.next_generation,
             self.limits.codec,
             self.now,
-        ));
+        );
+        entry.insert(match self.shared.proxy_trusted {
+            Some(_) => conn.expect_proxy_header(),
+            None => conn,
+        });
         log::trace!("{peer}: accepted by worker-{}", self.id);
         self.arm(key);
     }
@@ -301,7 +310,22 @@ impl Worker {
                 self.arm(key);
             }
             Next::Close(reason) => self.close(key, reason),
+            Next::Reject(reason) => self.refuse(key, reason),
         }
+    }
+
+    /// PROXY protocol: the header named a client over a limit. Counted as
+    /// rejected by its permit; never accepted, so never closed either.
+    fn refuse(&mut self, key: usize, reason: RejectReason) {
+        let mut conn = self.conns.remove(key);
+        self.shared.metrics.worker(self.id).connection_refused();
+        log::debug!(
+            "{}: rejected ({}) via={}",
+            conn.peer,
+            reason.as_str(),
+            conn.via.map_or_else(|| "-".to_string(), |v| v.to_string())
+        );
+        super::proxied::refuse(&mut conn.stream, &mut self.buf, &self.busy_message);
     }
 
     /// Makes sure the connection's deadline has a timer entry at or before it.
@@ -360,7 +384,10 @@ impl Worker {
     }
 
     fn close(&mut self, key: usize, reason: CloseReason) {
-        let conn = self.conns.remove(key);
+        let mut conn = self.conns.remove(key);
+        // Before the counts: a connection closed before its PROXY header was
+        // decided is counted as accepted now.
+        let header_note = conn.settle();
         let lifetime = self.now.saturating_duration_since(conn.opened);
         self.shared
             .metrics
@@ -375,6 +402,15 @@ impl Worker {
                     "{peer}: connection reset by peer"
                 );
             }
+            CloseReason::ProtocolError if header_note.is_some() => {
+                warn_limited!(
+                    self.shared.timeout_log,
+                    self.now,
+                    "{peer}: closed, {}: {}",
+                    reason.as_str(),
+                    header_note.as_deref().unwrap_or_default()
+                );
+            }
             CloseReason::IdleTimeout | CloseReason::WriteTimeout | CloseReason::ProtocolError => {
                 warn_limited!(
                     self.shared.timeout_log,
@@ -386,12 +422,13 @@ impl Worker {
             _ => {}
         }
         log::debug!(
-            "{peer}: closed reason={} in={} out={} owed={} duration={:.3}s",
+            "{peer}: closed reason={} in={} out={} owed={} duration={:.3}s{}",
             reason.as_str(),
             conn.bytes_in,
             conn.bytes_out,
             conn.owed(),
-            lifetime.as_secs_f64()
+            lifetime.as_secs_f64(),
+            conn.via.map_or_else(String::new, |v| format!(" via={v}"))
         );
         // Dropping the stream closes the socket, which also removes it from epoll;
         // dropping the permit gives the connection's slot back.
