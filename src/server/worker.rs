@@ -280,7 +280,12 @@ impl Worker {
             self.now,
         ));
         log::trace!("{peer}: accepted by worker-{}", self.id);
-        self.arm(key);
+        // Optimistic first read (issue 12): a short-lived client has usually sent
+        // its first message by the time the acceptor has handed it over, so read it
+        // now rather than a loop turn later. A stop-short read: if nothing is there
+        // it costs one EAGAIN, and the registration above still reports the data
+        // when it comes.
+        self.drive(key, ReadHint::Readable);
     }
 
     fn drive(&mut self, key: usize, hint: ReadHint) {
