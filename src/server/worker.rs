@@ -280,12 +280,12 @@ impl Worker {
             self.now,
         ));
         log::trace!("{peer}: accepted by worker-{}", self.id);
-        // Optimistic first read (issue 12): a short-lived client has usually sent
-        // its first message by the time the acceptor has handed it over, so read it
-        // now rather than a loop turn later. A stop-short read: if nothing is there
-        // it costs one EAGAIN, and the registration above still reports the data
-        // when it comes.
-        self.drive(key, ReadHint::Readable);
+        // No optimistic first read here: measured for issue 12 (bench/percon.sh),
+        // the first message was not there yet for about 60 % of adopted connections,
+        // so the extra EAGAIN reads and earlier sleeps cost more syscalls and context
+        // switches than the saved loop turn (see bench/analysis.md). Registration
+        // reports data already queued, so the next `poll` returns it at once.
+        self.arm(key);
     }
 
     fn drive(&mut self, key: usize, hint: ReadHint) {
