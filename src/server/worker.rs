@@ -280,11 +280,8 @@ impl Worker {
             self.now,
         ));
         log::trace!("{peer}: accepted by worker-{}", self.id);
-        // No optimistic first read here: measured for issue 12 (bench/percon.sh),
-        // the first message was not there yet for about 60 % of adopted connections,
-        // so the extra EAGAIN reads and earlier sleeps cost more syscalls and context
-        // switches than the saved loop turn (see bench/analysis.md). Registration
-        // reports data already queued, so the next `poll` returns it at once.
+        // No optimistic first read: it mostly got EAGAIN and cost more syscalls and
+        // switches than it saved (issue 12, bench/analysis.md).
         self.arm(key);
     }
 
