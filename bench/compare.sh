@@ -83,6 +83,10 @@ start_server() {
         mio-echo) cmd=("$BIN/mio-echo" --listen 127.0.0.1:0) ;;
         *) echo "compare.sh: unknown server $kind" >&2; exit 1 ;;
     esac
+    # Emptied here, not only by the redirection below: that one runs in the
+    # background child, possibly after the loop below has read the previous
+    # server's "listening on" line (seen: a bench sent to the last run's port).
+    : > "$log"
     taskset -c 0 "${cmd[@]}" > "$log" 2>&1 &
     SERVER_PID=$!
     SERVER_ADDR=
