@@ -83,6 +83,10 @@ start_server() {
         mio-echo) cmd=("$BIN/mio-echo" --listen 127.0.0.1:0) ;;
         *) echo "compare.sh: unknown server $kind" >&2; exit 1 ;;
     esac
+    # Emptied here, not only by the redirection below: that one runs in the
+    # background child, possibly after the loop below has read the previous
+    # server's "listening on" line (seen: a bench sent to the last run's port).
+    : > "$log"
     taskset -c 0 "${cmd[@]}" > "$log" 2>&1 &
     SERVER_PID=$!
     SERVER_ADDR=
@@ -164,6 +168,7 @@ for round in $(seq "$ROUNDS"); do
     echo_all mem-base "$round" --connections 1
     echo_all mem-hold "$round" --connections 1 --hold "$HOLD"
     echo_all churn-8 "$round" --connections 8 --churn
+    echo_all session-8 "$round" --connections 8 --churn --messages-per-connection 5
     if has sockpool; then
         SCRAPE=1 run sockpool sockpool-echo metrics-scraped-pp-64 "$round" --connections 64
         run "sockpool --no-metrics" sockpool-echo-nometrics metrics-scraped-pp-64 "$round" --connections 64
@@ -201,7 +206,9 @@ sockpool runs with its metrics endpoint on (not scraped) unless the scenario say
 Scenarios: \`echo-pp-N\` echo ping-pong over N connections; \`ack-pp-16\` ack-line ping-pong;
 \`ack-pipe16-16\` ack-line with 16 requests outstanding per connection; \`echo-pp-64-hold$HOLD\`
 as echo-pp-64 with $HOLD idle connections held open; \`churn-8\` 8 clients each doing connect,
-one message, close (msgs/s and CPU/msg are per connection); \`metrics-scraped-pp-64\` /metrics
+one message, close (msgs/s and CPU/msg are per connection); \`session-8\` 8 clients each doing
+connect, 5 ping-pong messages, close (the tutorial client's pattern; msgs/s and CPU/msg are per
+message, the first one's latency includes the connect); \`metrics-scraped-pp-64\` /metrics
 scraped every second vs \`--no-metrics\`; \`bulk-64k-4\` 64 KiB echo ping-pong over 4
 connections (see MB/s).
 

@@ -68,9 +68,14 @@ pub struct BenchArgs {
     /// Extra idle connections held open during the run.
     #[arg(long, default_value_t = 0)]
     pub hold: u32,
-    /// A fresh connection per message (connect, one request, reply, close).
+    /// A fresh connection per message (connect, one request, reply, close); with
+    /// --messages-per-connection N, per N messages (a short session).
     #[arg(long)]
     pub churn: bool,
+    /// With --churn: ping-pong messages each connection carries before the client
+    /// closes it (1 = connect, one message, close).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub messages_per_connection: u32,
     /// Most connections one --churn run opens, warm-up included (bounds TIME_WAIT
     /// sockets). The warm-up may use at most half of them, so the measured window
     /// always gets the rest; a run that reaches the limit ends early and reports
@@ -147,6 +152,8 @@ pub struct Summary {
     pub hold: u32,
     pub held_open: u32,
     pub churn: bool,
+    /// With churn: messages per connection before the client closes it.
+    pub messages_per_connection: u32,
     pub connections_opened: u64,
     /// Churn: the run opened `--churn-limit` connections and ended early.
     pub churn_limit_reached: bool,
@@ -199,7 +206,10 @@ impl Summary {
 
     fn print_table(&self, out: &mut impl Write) -> std::io::Result<()> {
         let shape = if self.churn {
-            format!("churn, {} clients", self.connections)
+            format!(
+                "churn, {} clients, {} message(s) per connection",
+                self.connections, self.messages_per_connection
+            )
         } else {
             format!(
                 "{} connections, pipeline {}",
@@ -529,6 +539,7 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
         workload,
         depth: args.pipeline as usize,
         churn: args.churn,
+        messages_per_connection: u64::from(args.messages_per_connection),
         measure_start,
         end,
         reply_timeout: args.timeout,
@@ -609,6 +620,7 @@ pub fn run(args: &BenchArgs) -> Result<Summary, String> {
         hold: args.hold,
         held_open,
         churn: args.churn,
+        messages_per_connection: args.messages_per_connection,
         connections_opened: 0,
         churn_limit_reached: false,
         messages: 0,

@@ -131,6 +131,36 @@ fn churn_and_held_connections_complete() {
     assert_eq!(count(&report, "held_open"), 200, "{report}");
 }
 
+/// Short sessions (`session-8` in bench/compare.sh): each connection carries five
+/// ping-pong messages before the client closes it. With no warm-up every
+/// connection opens in the measured window, and only the ones still under way when
+/// it ends (at most one per client) can have fewer than five counted.
+#[test]
+fn churn_sessions_carry_the_messages_per_connection() {
+    let server = Server::start(&["--workers", "1", "--mode", "echo", "--no-metrics"]);
+    let (ok, report, stderr) = bench_json(
+        &server.addr.to_string(),
+        &[
+            "--churn",
+            "--messages-per-connection",
+            "5",
+            "--connections",
+            "4",
+            "--churn-limit",
+            "400",
+            "--warmup",
+            "0",
+        ],
+    );
+    assert_clean(ok, &report, &stderr);
+    assert_eq!(count(&report, "messages_per_connection"), 5, "{report}");
+    let opened = count(&report, "connections_opened");
+    let messages = count(&report, "messages");
+    assert!(opened > 0 && opened <= 400, "{report}");
+    assert!(messages <= 5 * opened, "{report}");
+    assert!(messages >= 5 * opened.saturating_sub(4), "{report}");
+}
+
 /// A fast machine used up `--churn-limit 2000` in the 0.2 s warm-up and then
 /// failed with "no reply completed in the measured window". Here the limit is
 /// reached at the very start whatever the machine's speed: four slots, a limit

@@ -36,8 +36,10 @@ pub struct Plan {
     pub workload: Workload,
     /// Requests kept outstanding per connection (1 = ping-pong).
     pub depth: usize,
-    /// A fresh connection per message.
+    /// A fresh connection per `messages_per_connection` messages.
     pub churn: bool,
+    /// Churn: ping-pong messages per connection before it is closed (at least 1).
+    pub messages_per_connection: u64,
     /// Replies completed before this are warm-up: verified, not counted.
     pub measure_start: Instant,
     /// No request is sent after this; replies after it are verified, not counted.
@@ -104,7 +106,8 @@ struct Conn {
     inflight: VecDeque<Inflight>,
     /// Churn: connect not yet confirmed.
     connecting: bool,
-    /// Churn: when the connect started (the latency covers connect + reply).
+    /// Churn: when the connect started (the first message's latency covers
+    /// connect + reply; later ones are measured from their send, as in ping-pong).
     started: Instant,
 }
 
@@ -371,8 +374,15 @@ impl Driver<'_> {
             return self.fail(slot, e);
         }
         let measuring = now >= plan.measure_start && now <= plan.end;
-        for sent in done.iter() {
-            let start = if plan.churn { conn.started } else { *sent };
+        // Churn: the replies completed so far on this connection, before this read.
+        let answered_before = conn.next_seq - (conn.inflight.len() + done.len()) as u64;
+        for (i, sent) in done.iter().enumerate() {
+            let first = answered_before + i as u64 == 0;
+            let start = if plan.churn && first {
+                conn.started
+            } else {
+                *sent
+            };
             if measuring {
                 self.report.messages += 1;
                 let nanos = u64::try_from(now.duration_since(start).as_nanos()).unwrap_or(u64::MAX);
@@ -380,13 +390,17 @@ impl Driver<'_> {
             }
         }
         if plan.churn {
-            if !done.is_empty() {
-                // One message per connection: close it (we close first, so the
-                // TIME_WAIT stays on our side) and open the next.
-                if let Some(mut conn) = self.conns[slot].take() {
-                    let _ = self.poll.registry().deregister(&mut conn.stream);
+            if !done.is_empty() && conn.inflight.is_empty() {
+                if conn.next_seq >= plan.messages_per_connection || now >= plan.end {
+                    // The session is over: close it (we close first, so the
+                    // TIME_WAIT stays on our side) and open the next.
+                    if let Some(mut conn) = self.conns[slot].take() {
+                        let _ = self.poll.registry().deregister(&mut conn.stream);
+                    }
+                    return self.open_churn(slot, now);
                 }
-                return self.open_churn(slot, now);
+                // Ping-pong: the next message of the session.
+                conn.queue(&plan.workload, now);
             }
         } else if now < plan.end {
             while conn.inflight.len() < plan.depth {

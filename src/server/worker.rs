@@ -289,6 +289,8 @@ impl Worker {
             None => conn,
         });
         log::trace!("{peer}: accepted by worker-{}", self.id);
+        // No optimistic first read: it mostly got EAGAIN and cost more syscalls and
+        // switches than it saved (issue 12, bench/analysis.md).
         self.arm(key);
     }
 
