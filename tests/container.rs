@@ -23,14 +23,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+
+use common::LogTail;
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -118,39 +119,25 @@ fn start(mut cmd: Command) -> Running {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
+    // The tail keeps draining the log, so the server never blocks on a full pipe.
+    let log = LogTail::collect(child.stderr.take().expect("stderr"));
+    let found = log.wait_for(common::WAIT, |text| {
+        let mut lines = text.lines();
+        let addr = lines
+            .clone()
+            .find_map(|l| addr_after(l, "] listening on "))?;
+        let metrics = lines.find_map(|l| addr_after(l, "] metrics on http://"))?;
+        Some((addr, metrics))
     });
-    let deadline = Instant::now() + common::WAIT;
-    let (mut addr, mut metrics, mut log) = (None, None, String::new());
-    while addr.is_none() || metrics.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                addr = addr.or(addr_after(&line, "] listening on "));
-                metrics = metrics.or(addr_after(&line, "] metrics on http://"));
-                log.push_str(&line);
-                log.push('\n');
-            }
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!("{cmd:?} did not start ({status:?}):\n{log}");
-            }
-        }
-    }
-    // Keep draining the log so that the server never blocks on a full pipe.
-    std::thread::spawn(move || while rx.recv().is_ok() {});
+    let (addr, metrics) = found.unwrap_or_else(|log| {
+        let _ = child.kill();
+        let status = child.wait();
+        panic!("{cmd:?} did not start ({status:?}):\n{log}");
+    });
     Running {
         child,
-        addr: addr.expect("data address"),
-        metrics: metrics.expect("metrics address"),
+        addr,
+        metrics,
     }
 }
 

@@ -53,22 +53,10 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 fn have_kubernetes_validate() -> bool {
-    match Command::new("kubernetes-validate")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                !common::in_ci(),
-                "kubernetes-validate is required under CI=true but cannot be started: {e} \
-                 (python3 -m pip install kubernetes-validate)"
-            );
-            eprintln!("SKIPPED: kubernetes-validate cannot be started ({e}); pip install kubernetes-validate");
-            false
-        }
-    }
+    common::have_tool_installed_by(
+        "kubernetes-validate",
+        "python3 -m pip install kubernetes-validate",
+    )
 }
 
 fn have_python() -> bool {

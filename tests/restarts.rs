@@ -94,14 +94,9 @@ impl Load {
 
     /// Waits (bounded) until at least `n` clients have been answered.
     fn wait_answered(&self, n: u64) {
-        let deadline = Instant::now() + WAIT;
-        while self.answered.load(Ordering::Relaxed) < n {
-            assert!(
-                Instant::now() < deadline,
-                "the load never reached {n} answers"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        common::wait_until(&format!("the load to reach {n} answers"), || {
+            self.answered.load(Ordering::Relaxed) >= n
+        });
     }
 
     fn answered(&self) -> u64 {

@@ -6,15 +6,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{bin, connect_spread, http_get, Server, WAIT};
+use common::{bin, connect_spread, http_get, LogTail, Server, WAIT};
 
 const PING: &[u8] = b"ping\n";
 const PONG: &[u8] = b"Server received \"ping\"\n";
@@ -36,7 +36,7 @@ fn free_addr() -> SocketAddr {
 /// A process tree started under `systemd-socket-activate`, its stderr collected.
 struct Activated {
     child: Child,
-    log: Arc<(Mutex<(String, bool)>, Condvar)>,
+    log: Arc<LogTail>,
 }
 
 impl Activated {
@@ -47,45 +47,17 @@ impl Activated {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn systemd-socket-activate");
-        let log: Arc<(Mutex<(String, bool)>, Condvar)> = Arc::default();
-        let sink = log.clone();
-        let stderr = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut t = sink.0.lock().unwrap_or_else(PoisonError::into_inner);
-                t.0.push_str(&line);
-                t.0.push('\n');
-                sink.1.notify_all();
-            }
-            sink.0.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
-            sink.1.notify_all();
-        });
+        let log = LogTail::collect(child.stderr.take().expect("stderr"));
         Activated { child, log }
     }
 
     fn log(&self) -> String {
-        self.log.0.lock().unwrap().0.clone()
+        self.log.text()
     }
 
     /// Waits until `needle` appears `times` times in the log; returns the log.
     fn wait_log(&self, needle: &str, times: usize) -> String {
-        let deadline = Instant::now() + WAIT;
-        let mut guard = self.log.0.lock().unwrap();
-        while guard.0.matches(needle).count() < times {
-            if Instant::now() >= deadline || guard.1 {
-                let text = guard.0.clone();
-                drop(guard);
-                panic!("log never showed {needle:?} {times} times:\n{text}");
-            }
-            guard = self
-                .log
-                .1
-                .wait_timeout(guard, Duration::from_millis(100))
-                .unwrap()
-                .0;
-        }
-        guard.0.clone()
+        self.log.wait_log(needle, times)
     }
 
     /// The children of the top process (the sockpool that runs now, if any).
@@ -182,14 +154,9 @@ impl Load {
     }
 
     fn wait_answered(&self, n: u64) {
-        let deadline = Instant::now() + WAIT;
-        while self.answered.load(Ordering::Relaxed) < n {
-            assert!(
-                Instant::now() < deadline,
-                "the load never reached {n} answers"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        common::wait_until(&format!("the load to reach {n} answers"), || {
+            self.answered.load(Ordering::Relaxed) >= n
+        });
     }
 
     fn finish(self) -> (u64, Vec<String>) {

@@ -36,6 +36,15 @@ pub fn in_ci() -> bool {
 /// (with a note on stderr); under `CI=true` it fails it. `packages` names the
 /// Debian packages that provide it.
 pub fn have_tool(tool: &str, packages: &str) -> bool {
+    have_tool_installed_by(
+        tool,
+        &format!("apt-get install -y --no-install-recommends {packages}"),
+    )
+}
+
+/// [`have_tool`] for a tool that is not a Debian package: `install` is the
+/// command that installs it.
+pub fn have_tool_installed_by(tool: &str, install: &str) -> bool {
     match Command::new(tool)
         .arg("--version")
         .stdin(Stdio::null())
@@ -45,10 +54,9 @@ pub fn have_tool(tool: &str, packages: &str) -> bool {
         Err(e) => {
             assert!(
                 !in_ci(),
-                "{tool} is required under CI=true but cannot be started: {e} \
-                 (apt-get install -y --no-install-recommends {packages})"
+                "{tool} is required under CI=true but cannot be started: {e} ({install})"
             );
-            eprintln!("SKIPPED: {tool} cannot be started ({e}); install Debian's {packages}");
+            eprintln!("SKIPPED: {tool} cannot be started ({e}); install it: {install}");
             false
         }
     }
@@ -120,11 +128,77 @@ pub fn run(args: &[&str]) -> Output {
     output_within(child, &format!("sockpool {args:?}"))
 }
 
-/// The server's stderr, collected line by line.
+/// A child's stderr, collected line by line on a thread of its own, so that the
+/// child never blocks on a full pipe and a test can wait for what it logs.
 #[derive(Default)]
-struct Log {
+pub struct LogTail {
     text: Mutex<(String, bool)>, // (log, stderr closed)
     changed: Condvar,
+}
+
+impl LogTail {
+    /// Starts collecting `stderr`.
+    pub fn collect(stderr: impl Read + Send + 'static) -> Arc<LogTail> {
+        let log = Arc::new(LogTail::default());
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut t = sink.text.lock().unwrap_or_else(PoisonError::into_inner);
+                t.0.push_str(&line);
+                t.0.push('\n');
+                sink.changed.notify_all();
+            }
+            sink.text.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
+            sink.changed.notify_all();
+        });
+        log
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        self.text
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// Waits until `find` finds what it looks for in the log, for at most
+    /// `within`. `Err` carries the log when the time runs out or the stream
+    /// closes first.
+    pub fn wait_for<T>(
+        &self,
+        within: Duration,
+        mut find: impl FnMut(&str) -> Option<T>,
+    ) -> Result<T, String> {
+        let deadline = Instant::now() + within;
+        let mut guard = self.text.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(found) = find(&guard.0) {
+                return Ok(found);
+            }
+            if guard.1 || Instant::now() >= deadline {
+                // Return without the lock held: a caller that panics must not
+                // poison it and kill the reader thread.
+                return Err(guard.0.clone());
+            }
+            guard = self
+                .changed
+                .wait_timeout(guard, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Waits (bounded by [`WAIT`]) until the log contains `needle` `times`
+    /// times; returns the log. Panics with the log otherwise.
+    pub fn wait_log(&self, needle: &str, times: usize) -> String {
+        self.wait_for(WAIT, |t| {
+            (t.matches(needle).count() >= times).then(|| t.to_owned())
+        })
+        .unwrap_or_else(|log| panic!("log never showed {needle:?} {times} times:\n{log}"))
+    }
 }
 
 /// A running `sockpool serve`. Killed on drop if still running.
@@ -132,7 +206,7 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
-    log: Arc<Log>,
+    log: Arc<LogTail>,
 }
 
 impl Server {
@@ -180,48 +254,24 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn sockpool");
-        let log = Arc::new(Log::default());
-        let stderr = child.stderr.take().expect("stderr");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut t = sink.text.lock().unwrap_or_else(PoisonError::into_inner);
-                t.0.push_str(&line);
-                t.0.push('\n');
-                sink.changed.notify_all();
-            }
-            sink.text.lock().unwrap_or_else(PoisonError::into_inner).1 = true;
-            sink.changed.notify_all();
-        });
+        let log = LogTail::collect(child.stderr.take().expect("stderr"));
         let want_metrics = !has("--no-metrics");
-        let deadline = Instant::now() + WAIT;
-        let mut guard = log.text.lock().unwrap();
-        loop {
-            let addr = find_addr(&guard.0, "listening on ");
-            let metrics = find_addr(&guard.0, "metrics on http://");
-            if let Some(addr) = addr {
-                if metrics.is_some() || !want_metrics {
-                    drop(guard);
-                    return Ok(Server {
-                        child,
-                        addr,
-                        metrics_addr: metrics,
-                        log,
-                    });
-                }
-            }
-            if guard.1 || Instant::now() > deadline {
-                let text = guard.0.clone();
-                drop(guard);
+        let found = log.wait_for(WAIT, |text| {
+            let addr = find_addr(text, "listening on ")?;
+            let metrics = find_addr(text, "metrics on http://");
+            (metrics.is_some() || !want_metrics).then_some((addr, metrics))
+        });
+        match found {
+            Ok((addr, metrics_addr)) => Ok(Server {
+                child,
+                addr,
+                metrics_addr,
+                log,
+            }),
+            Err(text) => {
                 let status = wait_child(&mut child, Duration::from_secs(5));
-                return Err((status, text));
+                Err((status, text))
             }
-            guard = log
-                .changed
-                .wait_timeout(guard, Duration::from_millis(100))
-                .unwrap()
-                .0;
         }
     }
 
@@ -231,29 +281,12 @@ impl Server {
 
     /// Everything the server has logged so far.
     pub fn log(&self) -> String {
-        self.log.text.lock().unwrap().0.clone()
+        self.log.text()
     }
 
     /// Waits until the log contains `needle`; returns the log.
     pub fn wait_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        let mut guard = self.log.text.lock().unwrap();
-        while !guard.0.contains(needle) {
-            if Instant::now() >= deadline || guard.1 {
-                // Panic without the lock held, or the log reader thread dies of
-                // the poison and hides what the server said next.
-                let text = guard.0.clone();
-                drop(guard);
-                panic!("log never showed {needle:?}:\n{text}");
-            }
-            guard = self
-                .log
-                .changed
-                .wait_timeout(guard, Duration::from_millis(100))
-                .unwrap()
-                .0;
-        }
-        guard.0.clone()
+        self.log.wait_log(needle, 1)
     }
 
     /// A connected client socket with a 10 s read timeout.
