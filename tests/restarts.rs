@@ -38,6 +38,25 @@ struct Tally {
     failed: Vec<String>,
 }
 
+impl Tally {
+    /// Prints the tally, then fails unless every client was answered.
+    fn assert_nobody_lost(&self, what: &str) {
+        eprintln!(
+            "{what}: answered {} refused {} failed {}",
+            self.answered,
+            self.refused,
+            self.failed.len()
+        );
+        assert!(
+            self.failed.is_empty() && self.refused == 0,
+            "{what}: {} refused, {} failed:\n{}",
+            self.refused,
+            self.failed.len(),
+            self.failed.join("\n")
+        );
+    }
+}
+
 /// A bounded client load: `threads` clients, each connecting, sending [`PING`],
 /// reading [`PONG`] and closing, again and again (with `pause` between two), until
 /// `stop` is set or `max` connections have been tried.
@@ -319,20 +338,7 @@ fn reuse_port_lets_a_new_instance_take_over_with_no_client_error() {
     assert_eq!(old.wait_exit().code(), Some(0), "{}", old.log());
     let after = load.answered();
     load.wait_answered(after + 300);
-    let tally = load.finish();
-    eprintln!(
-        "reuse_port take-over: answered {} refused {} failed {}",
-        tally.answered,
-        tally.refused,
-        tally.failed.len()
-    );
-    assert!(
-        tally.failed.is_empty() && tally.refused == 0,
-        "{} refused, {} failed:\n{}",
-        tally.refused,
-        tally.failed.len(),
-        tally.failed.join("\n")
-    );
+    load.finish().assert_nobody_lost("reuse_port take-over");
     let text = new.scrape();
     let served = metric_value(&text, "sockpool_connections_accepted_total").unwrap();
     assert!(served >= 300.0, "the new instance served {served}");
@@ -537,18 +543,6 @@ fn behind_haproxy_a_drain_delay_restarts_backends_with_no_client_error() {
     }
     let after = load.answered();
     load.wait_answered(after + 200);
-    let tally = load.finish();
-    eprintln!(
-        "behind HAProxy, two backend restarts: answered {} refused {} failed {}",
-        tally.answered,
-        tally.refused,
-        tally.failed.len()
-    );
-    assert!(
-        tally.failed.is_empty() && tally.refused == 0,
-        "{} refused, {} failed:\n{}",
-        tally.refused,
-        tally.failed.len(),
-        tally.failed.join("\n")
-    );
+    load.finish()
+        .assert_nobody_lost("behind HAProxy, two backend restarts");
 }

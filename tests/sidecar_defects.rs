@@ -150,6 +150,21 @@ fn regression_a_body_of_requests_gets_one_answer() {
 #[test]
 fn regression_a_token_that_is_not_token68_is_a_config_error() {
     let dir = tempfile::tempdir().expect("temp dir");
+    // `check-config` of a file whose bearer token file holds `contents`.
+    let check = |name: &str, contents: &str| {
+        let token_file = dir.path().join(format!("token-{name}"));
+        std::fs::write(&token_file, contents).unwrap();
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[metrics]\nbearer_token_file = {:?}\n",
+                token_file.display().to_string()
+            ),
+        )
+        .unwrap();
+        run(&["check-config", config.to_str().unwrap()])
+    };
     for (i, token) in [
         "t\u{f6}k\u{e9}n",
         "tab\tinside",
@@ -161,18 +176,7 @@ fn regression_a_token_that_is_not_token68_is_a_config_error() {
     .into_iter()
     .enumerate()
     {
-        let token_file = dir.path().join(format!("token-{i}"));
-        std::fs::write(&token_file, format!("{token}\n")).unwrap();
-        let config = dir.path().join(format!("c-{i}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[metrics]\nbearer_token_file = {:?}\n",
-                token_file.display().to_string()
-            ),
-        )
-        .unwrap();
-        let out = run(&["check-config", config.to_str().unwrap()]);
+        let out = check(&format!("bad-{i}"), &format!("{token}\n"));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{token:?}: {stderr}");
         assert!(
@@ -180,18 +184,7 @@ fn regression_a_token_that_is_not_token68_is_a_config_error() {
             "{token:?}: {stderr}"
         );
     }
-    let token_file = dir.path().join("good");
-    std::fs::write(&token_file, "  Az09-._~+/==\n").unwrap();
-    let config = dir.path().join("good.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[metrics]\nbearer_token_file = {:?}\n",
-            token_file.display().to_string()
-        ),
-    )
-    .unwrap();
-    let out = run(&["check-config", config.to_str().unwrap()]);
+    let out = check("good", "  Az09-._~+/==\n");
     assert!(
         out.status.success(),
         "{}",
