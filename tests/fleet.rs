@@ -26,14 +26,10 @@ use std::process::{Child, Command, Output, Stdio};
 use serde_json::Value;
 
 use common::prometheus::{patch, Prometheus, Sample};
-use common::Server;
+use common::{repo_file, Server};
 
 const HAPROXY_CFG: &str = "config/haproxy/haproxy.cfg";
 const FLEET_YML: &str = "config/prometheus/prometheus-fleet.yml";
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(repo_file(rel)).unwrap_or_else(|e| panic!("cannot read {rel}: {e}"))

@@ -32,14 +32,15 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::prometheus::{free_port, try_get, Prometheus};
+use common::{repo_file, Server};
 
 const DRAIN_DELAY: Duration = Duration::from_secs(1);
 const GRACE: Duration = Duration::from_secs(3);
@@ -60,19 +61,8 @@ const LOAD_RATE: u32 = 1_500;
 /// new process; only the drain delay saves it, by taking the instance out first.
 const RESTART_GAP: Duration = Duration::from_millis(2_500);
 const LONG_LIVED: usize = 6;
-/// Bound on every wait for HAProxy or Prometheus.
+/// Bound on every wait for HAProxy (Prometheus's is `common::prometheus::PROM_WAIT`).
 const TOOL_WAIT: Duration = Duration::from_secs(60);
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-/// A loopback port that was free a moment ago (instances must come back on the same
-/// port after a restart, because HAProxy's config names it).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
 
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -117,56 +107,6 @@ fn read_line(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-    }
-}
-
-/// A GET over HTTP/1.0: (status, body), or why it failed (HAProxy or Prometheus may
-/// not be listening yet, which must not panic like `common::http_get`).
-fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(15)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("read from {addr}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP header in {text:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status: {head}"))?;
-    // HAProxy answers even HTTP/1.0 with a chunked body.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok((status, dechunk(body)?));
-    }
-    Ok((status, body.to_string()))
-}
-
-fn dechunk(mut body: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body
-            .split_once("\r\n")
-            .ok_or_else(|| format!("bad chunk in {body:?}"))?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|e| format!("chunk size {size:?}: {e}"))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = rest
-            .get(..size)
-            .ok_or_else(|| format!("short chunk in {rest:?}"))?;
-        out.push_str(chunk);
-        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
     }
 }
 
@@ -476,154 +416,55 @@ impl Haproxy {
 
 // ------------------------------------------------------------------------ Prometheus
 
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Prometheus {
-    /// The shipped fleet config (file_sd from `targets/*.json` next to it) in a temp
-    /// dir, the scrape interval 1 s, HAProxy's exporter target rewritten, and one
-    /// targets file naming the instances' metrics ports.
-    fn start(dir: &Path, instances: &[&Instance], haproxy_stats: SocketAddr) -> Prometheus {
-        let shipped = std::fs::read_to_string(repo_file("config/prometheus/prometheus-fleet.yml"))
-            .expect("config/prometheus/prometheus-fleet.yml");
-        assert!(
-            shipped.contains("targets/*.json"),
-            "prometheus-fleet.yml should discover instances from targets/*.json"
-        );
-        assert!(
-            shipped.contains("127.0.0.1:8404"),
-            "prometheus-fleet.yml should scrape HAProxy's exporter at 127.0.0.1:8404"
-        );
-        let config: String = shipped
-            .replace("127.0.0.1:8404", &haproxy_stats.to_string())
-            .lines()
-            .map(|l| match l.split_once("scrape_interval:") {
-                Some((indent, _)) => format!("{indent}scrape_interval: 1s\n"),
-                None => match l.split_once("evaluation_interval:") {
-                    Some((indent, _)) => format!("{indent}evaluation_interval: 1s\n"),
-                    None => match l.split_once("scrape_timeout:") {
-                        Some((indent, _)) => format!("{indent}scrape_timeout: 1s\n"),
-                        None => format!("{l}\n"),
-                    },
+/// Starts Prometheus on the shipped fleet config (file_sd from `targets/*.json` next to
+/// it) in `dir/prometheus`, the scrape interval 1 s, HAProxy's exporter target
+/// rewritten, and one targets file naming the instances' metrics ports.
+fn start_prometheus(dir: &Path, instances: &[&Instance], haproxy_stats: SocketAddr) -> Prometheus {
+    let shipped = std::fs::read_to_string(repo_file("config/prometheus/prometheus-fleet.yml"))
+        .expect("config/prometheus/prometheus-fleet.yml");
+    assert!(
+        shipped.contains("targets/*.json"),
+        "prometheus-fleet.yml should discover instances from targets/*.json"
+    );
+    assert!(
+        shipped.contains("127.0.0.1:8404"),
+        "prometheus-fleet.yml should scrape HAProxy's exporter at 127.0.0.1:8404"
+    );
+    let config: String = shipped
+        .replace("127.0.0.1:8404", &haproxy_stats.to_string())
+        .lines()
+        .map(|l| match l.split_once("scrape_interval:") {
+            Some((indent, _)) => format!("{indent}scrape_interval: 1s\n"),
+            None => match l.split_once("evaluation_interval:") {
+                Some((indent, _)) => format!("{indent}evaluation_interval: 1s\n"),
+                None => match l.split_once("scrape_timeout:") {
+                    Some((indent, _)) => format!("{indent}scrape_timeout: 1s\n"),
+                    None => format!("{l}\n"),
                 },
-            })
-            .collect();
-        let pdir = dir.join("prometheus");
-        std::fs::create_dir_all(pdir.join("targets")).expect("mkdir");
-        std::fs::write(pdir.join("prometheus-fleet.yml"), config).expect("write fleet config");
-        std::fs::copy(
-            repo_file("config/prometheus/alerts.yml"),
-            pdir.join("alerts.yml"),
-        )
-        .expect("copy alerts.yml");
-        let targets: Vec<String> = instances.iter().map(|i| i.metrics.to_string()).collect();
-        std::fs::write(
-            pdir.join("targets/sockpool.json"),
-            serde_json::json!([{ "targets": targets }]).to_string(),
-        )
-        .expect("write targets");
-        let check = Command::new("promtool")
-            .args(["check", "config"])
-            .arg(pdir.join("prometheus-fleet.yml"))
-            .output()
-            .expect("promtool");
-        common::assert_success("promtool check config prometheus-fleet.yml", &check);
-
-        let addr = loopback(free_port());
-        let log = pdir.join("prometheus.log");
-        let out = std::fs::File::create(&log).expect("log");
-        let err = out.try_clone().expect("clone");
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                pdir.join("prometheus-fleet.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                pdir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start prometheus");
-        let p = Prometheus { child, addr, log };
-        let deadline = Instant::now() + TOOL_WAIT;
-        while try_get(p.addr, "/-/ready").map(|r| r.0) != Ok(200) {
-            assert!(
-                Instant::now() < deadline,
-                "prometheus not ready:\n{}",
-                std::fs::read_to_string(&p.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        p
-    }
-
-    /// An instant query's samples as (labels, value).
-    fn query(&self, promql: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-        let mut enc = String::new();
-        for b in promql.bytes() {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                enc.push(b as char);
-            } else {
-                enc.push_str(&format!("%{b:02X}"));
-            }
-        }
-        let (status, body) = try_get(self.addr, &format!("/api/v1/query?query={enc}"))
-            .unwrap_or_else(|e| panic!("{promql}: {e}"));
-        assert_eq!(status, 200, "{promql}: {body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-        v["data"]["result"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|r| {
-                let labels = r["metric"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                    .collect();
-                let value = r["value"][1]
-                    .as_str()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(f64::NAN);
-                (labels, value)
-            })
-            .collect()
-    }
-
-    fn wait_for(
-        &self,
-        what: &str,
-        promql: &str,
-        pred: impl Fn(&[(BTreeMap<String, String>, f64)]) -> bool,
-    ) {
-        let deadline = Instant::now() + TOOL_WAIT;
-        loop {
-            let got = self.query(promql);
-            if pred(&got) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!("Prometheus never showed {what}: {promql} -> {got:?}");
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
+            },
+        })
+        .collect();
+    let pdir = dir.join("prometheus");
+    std::fs::create_dir_all(pdir.join("targets")).expect("mkdir");
+    std::fs::write(pdir.join("prometheus-fleet.yml"), config).expect("write fleet config");
+    std::fs::copy(
+        repo_file("config/prometheus/alerts.yml"),
+        pdir.join("alerts.yml"),
+    )
+    .expect("copy alerts.yml");
+    let targets: Vec<String> = instances.iter().map(|i| i.metrics.to_string()).collect();
+    std::fs::write(
+        pdir.join("targets/sockpool.json"),
+        serde_json::json!([{ "targets": targets }]).to_string(),
+    )
+    .expect("write targets");
+    let check = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(pdir.join("prometheus-fleet.yml"))
+        .output()
+        .expect("promtool");
+    common::assert_success("promtool check config prometheus-fleet.yml", &check);
+    Prometheus::start(&pdir.join("prometheus-fleet.yml"), &pdir)
 }
 
 // ------------------------------------------------------------------------ load
@@ -768,9 +609,9 @@ fn restarts_behind_haproxy_lose_no_connection() {
         .collect();
     let refs: Vec<&Instance> = instances.iter().collect();
     let haproxy = Haproxy::start(dir.path(), &refs, true);
-    let prometheus = Prometheus::start(dir.path(), &refs, haproxy.stats);
+    let prometheus = start_prometheus(dir.path(), &refs, haproxy.stats);
     prometheus.wait_for("3 sockpool targets up", "up{job=\"sockpool\"}", |r| {
-        r.len() == 3 && r.iter().all(|(_, v)| *v == 1.0)
+        r.len() == 3 && r.iter().all(|s| s.value == 1.0)
     });
 
     let load = Arc::new(Load::default());
@@ -840,12 +681,12 @@ fn restarts_behind_haproxy_lose_no_connection() {
     prometheus.wait_for(
         "the fleet's accepted_total equal to the instances' own",
         "sum(sockpool_connections_accepted_total{job=\"sockpool\"})",
-        |r| r.len() == 1 && r[0].1 == direct,
+        |r| r.len() == 1 && r[0].value == direct,
     );
     prometheus.wait_for(
         "3 sockpool targets up after the restarts",
         "up{job=\"sockpool\"}",
-        |r| r.len() == 3 && r.iter().all(|(_, v)| *v == 1.0),
+        |r| r.len() == 3 && r.iter().all(|s| s.value == 1.0),
     );
 
     // Stop the survivors so every accepted connection has its closed line.

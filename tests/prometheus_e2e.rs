@@ -22,27 +22,22 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::Server;
+use common::prometheus::{patch, Prometheus, Sample, PROM_WAIT};
+use common::{repo_file, Server};
 
-/// Bound on every wait for Prometheus (start, scrapes, rule evaluation).
-const PROM_WAIT: Duration = Duration::from_secs(60);
 /// What `$__rate_interval` becomes: long enough that every rate covers the whole test.
 const RATE_INTERVAL: &str = "2m";
 /// The server's limit, small so that the test can reach it.
 const MAX_CONNECTIONS: usize = 4;
 const WORKERS: usize = 2;
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
 
 fn have(tool: &str) -> bool {
     common::have_tool(tool, "prometheus")
@@ -50,243 +45,30 @@ fn have(tool: &str) -> bool {
 
 use common::assert_success;
 
-// ------------------------------------------------------------------------ HTTP
-
-/// Percent-encodes a query-string value (everything but RFC 3986 unreserved bytes).
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// A GET over HTTP/1.0 (so no chunked body): (status, body), or why it failed.
-fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(15)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("read from {addr}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP header in {text:?}"))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status: {head}"))?;
-    Ok((status, body.to_string()))
-}
-
 // ------------------------------------------------------------------------ Prometheus
 
-/// A Prometheus server on a loopback port with its own data directory; killed on drop,
-/// so a failing test never leaves it running.
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A loopback port that was free a moment ago. Prometheus binds it itself; the small
-/// race with other processes is covered by retrying the start.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
-
-/// The shipped prometheus.yml with `from` replaced by `to`, exactly once each, so that a
-/// change to the shipped file fails here loudly rather than testing something else.
-fn patch(mut text: String, edits: &[(&str, &str)]) -> String {
-    for (from, to) in edits {
-        assert_eq!(
-            text.matches(from).count(),
-            1,
-            "prometheus.yml should contain {from:?} exactly once"
-        );
-        text = text.replace(from, to);
-    }
-    text
-}
-
-impl Prometheus {
-    fn start(target: SocketAddr) -> Prometheus {
-        let mut dir = tempfile::tempdir().expect("temp dir");
-        let shipped = std::fs::read_to_string(repo_file("config/prometheus/prometheus.yml"))
-            .expect("prometheus.yml");
-        let target = target.to_string();
-        let config = patch(
-            shipped,
-            &[
-                ("scrape_interval: 15s", "scrape_interval: 1s"),
-                ("evaluation_interval: 15s", "evaluation_interval: 1s"),
-                ("scrape_timeout: 5s", "scrape_timeout: 1s"),
-                ("127.0.0.1:20001", &target),
-            ],
-        );
-        std::fs::write(dir.path().join("prometheus.yml"), config).expect("write prometheus.yml");
-        std::fs::copy(
-            repo_file("config/prometheus/alerts.yml"),
-            dir.path().join("alerts.yml"),
-        )
-        .expect("copy alerts.yml");
-
-        let log = dir.path().join("prometheus.log");
-        let mut last_log = String::new();
-        for _attempt in 0..3 {
-            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-            let out = std::fs::File::create(&log).expect("create prometheus.log");
-            let err = out.try_clone().expect("clone log handle");
-            let child = Command::new("prometheus")
-                .arg(format!(
-                    "--config.file={}",
-                    dir.path().join("prometheus.yml").display()
-                ))
-                .arg(format!(
-                    "--storage.tsdb.path={}",
-                    dir.path().join("data").display()
-                ))
-                .arg(format!("--web.listen-address={addr}"))
-                .arg("--log.level=warn")
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start prometheus: {e}"));
-            let mut prom = Prometheus {
-                child,
-                addr,
-                log: log.clone(),
-                dir,
-            };
-            match prom.wait_ready() {
-                Ok(()) => return prom,
-                Err(why) => {
-                    last_log = format!("{why}\n{}", prom.log());
-                    let port_taken = last_log.contains("address already in use");
-                    let _ = prom.child.kill();
-                    let _ = prom.child.wait();
-                    // Take the directory back out of the guard for the next attempt.
-                    dir = std::mem::replace(&mut prom.dir, tempfile::tempdir().expect("temp dir"));
-                    if !port_taken {
-                        break;
-                    }
-                }
-            }
-        }
-        panic!("prometheus did not start:\n{last_log}");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + PROM_WAIT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(format!("prometheus exited with {status}"));
-            }
-            if let Ok((200, _)) = try_get(self.addr, "/-/ready") {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "prometheus not ready at {} within {PROM_WAIT:?}",
-                    self.addr
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// GET an API path; Ok(data) on `"status": "success"`, Err(message) otherwise.
-    fn api(&self, path: &str) -> Result<Value, String> {
-        let (status, body) = try_get(self.addr, path)?;
-        let v: Value = serde_json::from_str(&body)
-            .map_err(|e| format!("HTTP {status}, not JSON ({e}): {body}"))?;
-        if v["status"] == "success" {
-            Ok(v["data"].clone())
-        } else {
-            Err(format!("HTTP {status}: {}: {}", v["errorType"], v["error"]))
-        }
-    }
-
-    /// An instant query: the result vector (a scalar becomes one unlabelled sample).
-    fn query(&self, promql: &str) -> Result<Vec<Sample>, String> {
-        let data = self.api(&format!("/api/v1/query?query={}", encode(promql)))?;
-        let parse = |v: &Value| {
-            v[1].as_str()
-                .and_then(|s| s.parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
-        };
-        match data["resultType"].as_str() {
-            Some("vector") => Ok(data["result"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|r| Sample {
-                    labels: r["metric"]
-                        .as_object()
-                        .into_iter()
-                        .flatten()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                        .collect(),
-                    value: parse(&r["value"]),
-                })
-                .collect()),
-            Some("scalar") => Ok(vec![Sample {
-                labels: BTreeMap::new(),
-                value: parse(&data["result"]),
-            }]),
-            other => Err(format!("unexpected resultType {other:?} for {promql}")),
-        }
-    }
-
-    /// Waits until `promql` returns a sample satisfying `pred`.
-    fn wait_for(&self, what: &str, promql: &str, pred: impl Fn(f64) -> bool) {
-        let deadline = Instant::now() + PROM_WAIT;
-        let mut last = Ok(Vec::new());
-        while Instant::now() < deadline {
-            last = self.query(promql);
-            if last.as_ref().is_ok_and(|r| r.iter().any(|s| pred(s.value))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        // The targets page says why a scrape failed (refused, timeout, bad format).
-        let targets = self
-            .api("/api/v1/targets")
-            .map(|t| t["activeTargets"].to_string());
-        panic!(
-            "Prometheus never saw {what} within {PROM_WAIT:?}: {promql} -> {last:?}\ntargets: {targets:?}\n{}",
-            self.log()
-        );
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Sample {
-    labels: BTreeMap<String, String>,
-    value: f64,
+/// Starts Prometheus in `dir` on the shipped prometheus.yml and alerts.yml, retargeted
+/// at `target` with 1 s intervals.
+fn start_prometheus(dir: &Path, target: SocketAddr) -> Prometheus {
+    let shipped = std::fs::read_to_string(repo_file("config/prometheus/prometheus.yml"))
+        .expect("prometheus.yml");
+    let target = target.to_string();
+    let config = patch(
+        shipped,
+        &[
+            ("scrape_interval: 15s", "scrape_interval: 1s"),
+            ("evaluation_interval: 15s", "evaluation_interval: 1s"),
+            ("scrape_timeout: 5s", "scrape_timeout: 1s"),
+            ("127.0.0.1:20001", &target),
+        ],
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).expect("write prometheus.yml");
+    std::fs::copy(
+        repo_file("config/prometheus/alerts.yml"),
+        dir.join("alerts.yml"),
+    )
+    .expect("copy alerts.yml");
+    Prometheus::start(&dir.join("prometheus.yml"), dir)
 }
 
 // ------------------------------------------------------------------------ traffic
@@ -499,10 +281,13 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
         "1s",
     ]);
     let metrics_addr = server.metrics_addr.expect("metrics listener");
-    let prom = Prometheus::start(metrics_addr);
+    let prom_dir = tempfile::tempdir().expect("temp dir");
+    let prom = start_prometheus(prom_dir.path(), metrics_addr);
     let instance = metrics_addr.to_string();
     let up = format!(r#"up{{job="sockpool", instance="{instance}"}}"#);
-    prom.wait_for("a first successful scrape", &up, |v| v == 1.0);
+    prom.wait_for("a first successful scrape", &up, |r| {
+        r.iter().any(|s| s.value == 1.0)
+    });
 
     // Each phase starts once the server has counted the previous one's closes, so that
     // no leftover connection takes a slot under max_connections.
@@ -535,12 +320,14 @@ fn dashboard_and_alert_queries_work_against_real_prometheus() {
             .map_or((series, ""), |(n, l)| (n, l.trim_end_matches('}')));
         let sep = if labels.is_empty() { "" } else { ", " };
         let promql = format!(r#"{name}{{job="sockpool", instance="{instance}"{sep}{labels}}}"#);
-        prom.wait_for(&format!("{series} = {want}"), &promql, |v| v == want);
+        prom.wait_for(&format!("{series} = {want}"), &promql, |r| {
+            r.iter().any(|s| s.value == want)
+        });
     }
 
     check_dashboard(&prom, &instance);
     check_alerts(&prom);
-    check_promtool(&server, &prom);
+    check_promtool(&server, prom_dir.path());
 }
 
 fn check_dashboard(prom: &Prometheus, instance: &str) {
@@ -796,7 +583,7 @@ fn check_alerts(prom: &Prometheus) {
     }
 }
 
-fn check_promtool(server: &Server, prom: &Prometheus) {
+fn check_promtool(server: &Server, prom_dir: &Path) {
     // `promtool check metrics` lints the live exposition format (names, types, help).
     let scrape = server.scrape();
     let out = common::run_with_input(
@@ -820,7 +607,7 @@ fn check_promtool(server: &Server, prom: &Prometheus) {
     };
     assert_success(
         "promtool check config (as run)",
-        &run(&["check", "config", "prometheus.yml"], prom.dir.path()),
+        &run(&["check", "config", "prometheus.yml"], prom_dir),
     );
     let shipped = repo_file("config/prometheus");
     assert_success(

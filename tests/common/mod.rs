@@ -620,3 +620,8 @@ pub fn connect_spread(addr: SocketAddr, n: u32, timeout: Duration) -> std::io::R
     s.set_write_timeout(Some(Duration::from_secs(10)))?;
     Ok(s)
 }
+
+/// A file of the repository, by its path relative to the crate root.
+pub fn repo_file(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}

@@ -1,6 +1,6 @@
 //! A real Prometheus for the tests: started on a loopback port with a config directory
-//! the test prepared, queried over its HTTP API, killed on drop. (tests/prometheus_e2e.rs
-//! keeps its own copy of the same code.)
+//! the test prepared, queried over its HTTP API, killed on drop. Used by
+//! tests/prometheus_e2e.rs, tests/haproxy_e2e.rs and tests/fleet.rs.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -67,7 +67,9 @@ fn encode(s: &str) -> String {
     out
 }
 
-/// A GET over HTTP/1.0: (status, body), or why it failed.
+/// A GET over HTTP/1.0: (status, body), or why it failed (the server may not be
+/// listening yet, which must not panic like `common::http_get`). A chunked body (HAProxy
+/// answers even HTTP/1.0 with one) is dechunked.
 pub fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect {addr}: {e}"))?;
@@ -87,7 +89,32 @@ pub fn try_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("bad status: {head}"))?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((status, dechunk(body)?));
+    }
     Ok((status, body.to_string()))
+}
+
+fn dechunk(mut body: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body
+            .split_once("\r\n")
+            .ok_or_else(|| format!("bad chunk in {body:?}"))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("chunk size {size:?}: {e}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest
+            .get(..size)
+            .ok_or_else(|| format!("short chunk in {rest:?}"))?;
+        out.push_str(chunk);
+        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
+    }
 }
 
 impl Prometheus {
