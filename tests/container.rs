@@ -23,19 +23,17 @@
 
 mod common;
 
+use common::repo_file;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use common::LogTail;
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
 
 fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())

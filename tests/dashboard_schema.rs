@@ -15,14 +15,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::repo_file;
+
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
 
 fn have_python() -> bool {
     common::have_tool("python3", "python3 python3-jsonschema")

@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::repo_file;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -18,10 +20,6 @@ use std::time::Duration;
 use serde_json::Value;
 
 // ------------------------------------------------------------------------ helpers
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
 
 fn read(rel: &str) -> String {
     let path = repo_file(rel);
