@@ -628,8 +628,11 @@ fn restarts_behind_haproxy_lose_no_connection() {
         })
         .collect();
 
-    // Restart each instance in turn; wait until HAProxy has it back before the next.
-    std::thread::sleep(Duration::from_secs(2));
+    // Restart each instance in turn, once the load flows;
+    // wait until HAProxy has it back before the next.
+    common::wait_until("the load to be answered 1,000 times", || {
+        load.ok.load(Ordering::Relaxed) >= 1_000
+    });
     for (i, inst) in instances.iter_mut().enumerate() {
         let name = format!("sockpool{}", i + 1);
         inst.stop();
@@ -777,7 +780,9 @@ fn restarts_without_drain_delay_or_redispatch_cost_errors() {
 
     let load = Arc::new(Load::default());
     let churners = churn(load.clone(), haproxy.front);
-    std::thread::sleep(Duration::from_secs(1));
+    common::wait_until("the load to be answered 500 times", || {
+        load.ok.load(Ordering::Relaxed) >= 500
+    });
     // The errors come from a race (connections HAProxy sends to a closed listener
     // before its next check), so restart until one is seen, up to a bound.
     let mut restarts = 0;
