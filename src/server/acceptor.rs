@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 
+use super::gate::Gate;
 use super::listen;
 use super::worker::{Doorbell, Handoff};
 use super::Shared;
@@ -55,6 +56,10 @@ pub struct Acceptor {
     pub workers: Vec<WorkerLink>,
     pub shared: Arc<Shared>,
     pub busy_message: Vec<u8>,
+    /// The listener's arming, shared with the workers (see `gate`).
+    gate: Arc<Gate>,
+    /// Set at the trigger: from then on the acceptor keeps the listener armed.
+    draining: bool,
     next: usize,
     backoff: Option<Duration>,
     to_wake: Vec<bool>,
@@ -64,25 +69,26 @@ pub struct Acceptor {
 impl Acceptor {
     pub fn new(
         poll: Poll,
-        mut listener: TcpListener,
+        listener: TcpListener,
+        gate: Arc<Gate>,
         workers: Vec<WorkerLink>,
         shared: Arc<Shared>,
         busy_message: Vec<u8>,
-    ) -> io::Result<Acceptor> {
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+    ) -> Acceptor {
         let n = workers.len();
-        Ok(Acceptor {
+        Acceptor {
             poll,
             listener,
             workers,
             shared,
             busy_message,
+            gate,
+            draining: false,
             next: 0,
             backoff: None,
             to_wake: vec![false; n],
             error_log: RateLimit::new(5, Duration::from_secs(10)),
-        })
+        }
     }
 
     /// Accepts until shutdown is requested and its drain delay has passed, then
@@ -100,6 +106,9 @@ impl Acceptor {
                     );
                 }
                 close_at = Some(Instant::now() + delay);
+                // Draining: accept promptly, whoever is awake.
+                self.draining = true;
+                self.gate.force_arm();
             }
             let timeout = match close_at {
                 Some(at) => {
@@ -125,8 +134,12 @@ impl Acceptor {
         }
         self.close_listener();
         let Acceptor {
-            listener, workers, ..
+            listener,
+            workers,
+            gate,
+            ..
         } = self;
+        gate.close(); // its duplicate of the listener too
         drop(listener);
         log::info!("stopped accepting; draining connections");
         for w in workers {
@@ -187,6 +200,8 @@ impl Acceptor {
     }
 
     fn accept_batch(&mut self) {
+        // The listener may have fired, which disarmed it (see `gate`).
+        self.gate.disarmed();
         let mut handed = 0;
         loop {
             match self.listener.accept() {
@@ -219,6 +234,18 @@ impl Acceptor {
             }
         }
         self.wake_workers();
+        self.hand_back_listener();
+    }
+
+    /// After a batch: who arms the listener next (see `gate`). While a worker is
+    /// awake it is left disarmed, for the first worker about to sleep to arm; the
+    /// workers just woken for this batch count as awake.
+    fn hand_back_listener(&self) {
+        if self.backoff.is_some() {
+            self.gate.hold(); // the back-off timer wakes us, not the listener
+        } else if self.draining || self.workers.iter().all(|w| w.doorbell.is_parked()) {
+            self.gate.arm();
+        }
     }
 
     fn wake_workers(&mut self) {

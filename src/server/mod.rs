@@ -22,6 +22,7 @@
 mod acceptor;
 pub mod admission;
 pub mod conn;
+mod gate;
 mod listen;
 mod proxied;
 mod worker;
@@ -295,6 +296,10 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
         acceptor: acceptor_waker,
     };
 
+    let gate = Arc::new(
+        gate::Gate::new(acceptor_poll.registry(), &listener).map_err(io_err("acceptor epoll"))?,
+    );
+
     let mut links = Vec::with_capacity(n_workers);
     let mut workers = Vec::with_capacity(n_workers);
     for id in 0..n_workers {
@@ -302,7 +307,15 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
         let waker = Waker::new(poll.registry(), worker::WAKER).map_err(io_err("worker waker"))?;
         let doorbell = Arc::new(worker::Doorbell::new(waker));
         let (tx, rx) = crossbeam_channel::bounded(HANDOFF_QUEUE);
-        let w = worker::Worker::new(id, poll, doorbell.clone(), rx, shared.clone(), config);
+        let w = worker::Worker::new(
+            id,
+            poll,
+            doorbell.clone(),
+            gate.clone(),
+            rx,
+            shared.clone(),
+            config,
+        );
         match spawn(format!("worker-{id}"), move || w.run()) {
             Ok(handle) => workers.push(handle),
             Err(e) => {
@@ -318,11 +331,11 @@ pub fn start(config: &Config) -> Result<Running, StartError> {
     let acc = acceptor::Acceptor::new(
         acceptor_poll,
         listener,
+        gate,
         links,
         shared.clone(),
         config.server.busy_message.clone().into_bytes(),
-    )
-    .map_err(io_err("acceptor"))?;
+    );
     let acceptor = spawn("acceptor".into(), move || acc.run())?;
 
     let (sidecar, metrics_addr) = match metrics_listener {

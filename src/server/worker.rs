@@ -19,6 +19,7 @@ use slab::Slab;
 
 use super::admission::Permit;
 use super::conn::{Conn, Ctx, Limits, Next, ReadHint};
+use super::gate::Gate;
 use super::Shared;
 use crate::metrics::{CloseReason, LocalCounters, RejectReason};
 use crate::warn_limited;
@@ -81,6 +82,11 @@ impl Doorbell {
         fence(Ordering::SeqCst);
     }
 
+    /// The acceptor, deciding who re-arms the listener (see `gate`).
+    pub fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::SeqCst)
+    }
+
     fn unpark(&self) {
         self.parked.store(false, Ordering::Relaxed);
     }
@@ -94,6 +100,10 @@ pub struct Worker {
     /// last `Waker`) would remove a wake-up already queued in epoll, and the
     /// acceptor drops its copy right after the final wake.
     doorbell: Arc<Doorbell>,
+    /// The listener's arming in the acceptor's epoll (see `gate`).
+    gate: Arc<Gate>,
+    /// Loop turns since this worker last slept or armed the listener.
+    turns_awake: u32,
     rx: Receiver<Handoff>,
     conns: Slab<Conn>,
     buf: Box<[u8]>,
@@ -122,6 +132,7 @@ impl Worker {
         id: usize,
         poll: Poll,
         doorbell: Arc<Doorbell>,
+        gate: Arc<Gate>,
         rx: Receiver<Handoff>,
         shared: Arc<Shared>,
         config: &crate::config::Config,
@@ -130,6 +141,8 @@ impl Worker {
             id,
             poll,
             doorbell,
+            gate,
+            turns_awake: 0,
             rx,
             conns: Slab::new(),
             buf: vec![0; READ_BUFFER_BYTES].into_boxed_slice(),
@@ -156,17 +169,7 @@ impl Worker {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(EVENTS_PER_POLL);
         loop {
-            let mut timeout = self.poll_timeout();
-            if timeout != Some(Duration::ZERO) {
-                self.doorbell.park();
-                // A connection queued before `park` came without a wake-up.
-                if !self.rx.is_empty() {
-                    timeout = Some(Duration::ZERO);
-                }
-            }
-            let polled = self.poll.poll(&mut events, timeout);
-            self.doorbell.unpark();
-            if let Err(e) = polled {
+            if let Err(e) = self.wait(&mut events) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     log::error!(
                         "worker-{}: poll failed: {e}; closing its connections",
@@ -216,6 +219,46 @@ impl Worker {
                 return;
             }
         }
+    }
+
+    /// Takes the next readiness events, sleeping if there are none. A worker with
+    /// nothing left to do re-arms the listener just before it sleeps (see
+    /// `gate`); it looks without sleeping first, because a listener armed while
+    /// this worker still has work would let the next connection wake the acceptor
+    /// and preempt it.
+    fn wait(&mut self, events: &mut Events) -> std::io::Result<()> {
+        let timeout = self.poll_timeout();
+        if self.gate.is_disarmed() {
+            if self.turns_awake >= super::gate::ARM_EVERY_TURNS {
+                self.gate.arm(); // a saturated worker still lets the acceptor in
+            } else if timeout == Some(Duration::ZERO) {
+                self.turns_awake += 1;
+                return self.poll.poll(events, timeout);
+            } else {
+                self.poll.poll(events, Some(Duration::ZERO))?;
+                if !events.is_empty() {
+                    self.turns_awake += 1;
+                    return Ok(());
+                }
+            }
+        }
+        self.turns_awake = 0;
+        if timeout == Some(Duration::ZERO) {
+            return self.poll.poll(events, timeout);
+        }
+        self.doorbell.park();
+        // After `park`: the acceptor either sees this worker asleep and arms the
+        // listener itself, or has disarmed it before this looks.
+        self.gate.arm();
+        // A connection queued before `park` came without a wake-up.
+        let timeout = if self.rx.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        let polled = self.poll.poll(events, timeout);
+        self.doorbell.unpark();
+        polled
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
