@@ -237,13 +237,14 @@ impl Acceptor {
         self.hand_back_listener();
     }
 
-    /// After a batch: who arms the listener next (see `gate`). While a worker is
-    /// awake it is left disarmed, for the first worker about to sleep to arm; the
-    /// workers just woken for this batch count as awake.
+    /// After a batch: who arms the listener next (see `gate`). While every worker
+    /// is awake (the ones just woken for this batch count as awake) it is left
+    /// disarmed, for the first one about to sleep to arm. A worker asleep means a
+    /// core with time to spare, so then the acceptor arms it at once.
     fn hand_back_listener(&self) {
         if self.backoff.is_some() {
             self.gate.hold(); // the back-off timer wakes us, not the listener
-        } else if self.draining || self.workers.iter().all(|w| w.doorbell.is_parked()) {
+        } else if self.draining || self.workers.iter().any(|w| w.doorbell.is_parked()) {
             self.gate.arm();
         }
     }

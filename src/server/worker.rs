@@ -246,6 +246,16 @@ impl Worker {
         if timeout == Some(Duration::ZERO) {
             return self.poll.poll(events, timeout);
         }
+        if self.gate.is_disarmed() {
+            // Arming wakes the acceptor on this core if connections wait, and it
+            // usually runs at once: what it hands over is taken this turn, with
+            // no wake-up to ring and no sleep.
+            self.gate.arm();
+            if !self.rx.is_empty() {
+                events.clear();
+                return Ok(());
+            }
+        }
         self.doorbell.park();
         // After `park`: the acceptor either sees this worker asleep and arms the
         // listener itself, or has disarmed it before this looks.
