@@ -19,6 +19,10 @@
 //!   - `server::acceptor`: the accept thread: admission, least-loaded worker,
 //!     hand-off over a bounded crossbeam channel, wake-ups only for parked workers
 //!     (batched), accept-error back-off.
+//!   - `server::gate`: the listener's one-shot arming in the acceptor's epoll:
+//!     while every worker is busy, connections wait in the accept queue and the
+//!     first worker about to sleep re-arms it, so the acceptor never preempts a
+//!     running worker to take one connection.
 //!   - [`server::admission`]: `max_connections` and the per-IP table as a
 //!     `Permit` taken at accept, carried in the hand-off and the connection, and
 //!     released on drop.
@@ -45,6 +49,7 @@
 //!
 //! ```text
 //!  clients ──▶ acceptor ──(bounded channel + mio Waker)──▶ worker-0 … worker-N-1
+//!                 │ ◀──── re-arms the listener (gate) ───────┤  before sleeping,
 //!                 │                                          │  one mio Poll each,
 //!                 │                                          │  many connections each
 //!                 └──────────────▶ Metrics (atomics) ◀───────┘

@@ -4,8 +4,12 @@
 //! (round-robin among equals) and it travels over that worker's bounded channel.
 //! A worker asleep in epoll is woken once per accept batch, not once per
 //! connection; a running one is not woken at all, as it reads its queue at the
-//! end of every loop turn (see `worker::Doorbell`). Accept errors such as EMFILE
-//! back off exponentially instead of spinning.
+//! end of every loop turn (see `worker::Doorbell`). The acceptor itself is woken
+//! by the listener only when a worker has time to spare: while every worker is
+//! busy the listener stays disarmed and the first worker about to sleep re-arms
+//! it (see `gate`), so accept batches are taken in the workers' idle time instead
+//! of preempting them. Accept errors such as EMFILE back off exponentially
+//! instead of spinning.
 //!
 //! Shutdown: after the trigger it goes on accepting for `shutdown.drain_delay`;
 //! then it stops new handshakes, accepts every connection that completed one, and
