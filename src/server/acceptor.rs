@@ -217,7 +217,12 @@ impl Acceptor {
                         self.wake_workers();
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The queue is empty: whatever failed before has nothing left
+                    // to fail on, so the listener wakes us again (not the timer).
+                    self.backoff = None;
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if super::conn::is_reset(&e) => self.shared.metrics.accept_reset(),
                 Err(e) => {
