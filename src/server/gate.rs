@@ -166,7 +166,10 @@ mod tests {
     fn listener_events(poll: &mut Poll, timeout: Duration) -> usize {
         let mut events = Events::with_capacity(8);
         poll.poll(&mut events, Some(timeout)).unwrap();
-        events.iter().inspect(|e| assert_eq!(e.token(), LISTENER)).count()
+        events
+            .iter()
+            .inspect(|e| assert_eq!(e.token(), LISTENER))
+            .count()
     }
 
     #[test]
