@@ -5,6 +5,14 @@
 //! connections over the per-IP limit are rejected by the acceptor alone (batches
 //! that wake no worker). Every connection must be answered.
 //!
+//! The refused connections matter most: a batch that hands a connection to a
+//! worker is always followed by that worker re-arming the listener before it
+//! sleeps, so short connections alone never lose an arming even when the
+//! acceptor's own arming (`Acceptor::hand_back_listener`) or the worker's arming
+//! after `park` is removed; a batch of refusals wakes nobody, and only those two
+//! armings keep the listener alive after it. (Checked by removing each: with both
+//! kinds of load this test fails; with short connections alone it passes.)
+//!
 //! A lost arming (the listener disarmed, every thread asleep) leaves the next
 //! connection in the kernel's accept queue forever: its client waits for a reply
 //! for [`WAIT`] (20 s) and the test fails naming it. Nothing here is timed
@@ -25,11 +33,18 @@ const CONNECTIONS_PER_CLIENT: u32 = 300;
 /// Connections open for the whole run, quiet in between (a message would wake a
 /// worker, which re-arms the listener and so would hide a lost arming).
 const HELD: u32 = 3;
-/// Connections refused for the per-IP limit (one connection from their address
-/// is held open, and the limit is 1).
-const REJECTED: u32 = 150;
-/// The rejected connections' source: outside `connect_spread`'s 127.64.0.0/10.
-const REJECTED_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 63, 0, 1);
+/// Threads making connections refused for the per-IP limit (one connection from
+/// each one's address is held open, and the limit is 1), and connections each
+/// makes. Two, so that a refused connection often arrives while the other waits
+/// for its answer, and at any moment of a worker's loop.
+const REJECTERS: u32 = 2;
+const REJECTED_PER_REJECTER: u32 = 200;
+
+/// The source address of a rejecter's connections: 127.63.0.R+1, outside the
+/// churn's 127.64.0.0/10.
+fn rejected_source(rejecter: u32) -> Ipv4Addr {
+    Ipv4Addr::new(127, 63, 0, 1 + rejecter as u8)
+}
 
 /// Numbers the source addresses ([`source`]): one per connection over both
 /// cases, so that no address is ever over the per-IP limit of 1 (a closed
@@ -98,14 +113,27 @@ fn run_case(workers: u32) {
             c
         })
         .collect();
-    let mut holder = connect_from(addr, REJECTED_SOURCE).expect("connect from 127.63.0.1");
-    talk(&mut holder, "holder", "the connection from 127.63.0.1");
+    let mut holders: Vec<TcpStream> = (0..REJECTERS)
+        .map(|r| {
+            let from = rejected_source(r);
+            let mut c =
+                connect_from(addr, from).unwrap_or_else(|e| panic!("connect from {from}: {e}"));
+            talk(
+                &mut c,
+                &format!("holder {r}"),
+                &format!("the connection from {from}"),
+            );
+            c
+        })
+        .collect();
 
     std::thread::scope(|s| {
         for client in 0..CLIENTS {
             s.spawn(move || churn(addr, workers, client));
         }
-        s.spawn(move || rejects(addr, workers));
+        for rejecter in 0..REJECTERS {
+            s.spawn(move || rejects(addr, workers, rejecter));
+        }
     });
 
     for (k, c) in held.iter_mut().enumerate() {
@@ -115,12 +143,11 @@ fn run_case(workers: u32) {
             &format!("held connection {k}"),
         );
     }
-    talk(
-        &mut holder,
-        "holder, still",
-        "the connection from 127.63.0.1",
-    );
-    let made = CLIENTS * CONNECTIONS_PER_CLIENT + HELD + 1;
+    for (r, c) in holders.iter_mut().enumerate() {
+        let what = format!("the connection from {}", rejected_source(r as u32));
+        talk(c, &format!("holder {r}, still"), &what);
+    }
+    let made = CLIENTS * CONNECTIONS_PER_CLIENT + HELD + REJECTERS;
     // Counted before the hand-off, so final once every reply has come.
     assert_eq!(
         server.metric("sockpool_connections_accepted_total"),
@@ -129,10 +156,10 @@ fn run_case(workers: u32) {
     );
     assert_eq!(
         server.metric("sockpool_connections_rejected_total{reason=\"per_ip_limit\"}"),
-        f64::from(REJECTED),
+        f64::from(REJECTERS * REJECTED_PER_REJECTER),
         "workers={workers}"
     );
-    drop((held, holder));
+    drop((held, holders));
     end_case(&server, 0.0);
 }
 
@@ -153,17 +180,19 @@ fn churn(addr: SocketAddr, workers: u32, client: u32) {
 
 /// Connections over the per-IP limit: the acceptor answers them itself (the busy
 /// message, then close) and hands nothing to any worker.
-fn rejects(addr: SocketAddr, workers: u32) {
-    let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(workers);
-    for i in 0..REJECTED {
+fn rejects(addr: SocketAddr, workers: u32, rejecter: u32) {
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(rejecter * 104_729 + workers);
+    let from = rejected_source(rejecter);
+    for i in 0..REJECTED_PER_REJECTER {
         pause(&mut rng);
-        let mut c = connect_from(addr, REJECTED_SOURCE)
-            .unwrap_or_else(|e| panic!("workers={workers} rejected connection {i}: connect: {e}"));
+        let mut c = connect_from(addr, from).unwrap_or_else(|e| {
+            panic!("workers={workers} rejecter {rejecter} connection {i}: connect: {e}")
+        });
         c.set_read_timeout(Some(WAIT)).unwrap();
         let mut got = Vec::new();
         if let Err(e) = c.read_to_end(&mut got) {
             panic!(
-                "workers={workers} rejected connection {i}: not answered and closed within \
+                "workers={workers} rejecter {rejecter} connection {i}: not answered and closed within \
                  {WAIT:?} ({e}; got {:?}): left in the accept queue, the listener never re-armed",
                 String::from_utf8_lossy(&got)
             );
@@ -171,7 +200,7 @@ fn rejects(addr: SocketAddr, workers: u32) {
         assert_eq!(
             String::from_utf8_lossy(&got),
             "ERROR server busy\n",
-            "workers={workers} rejected connection {i}"
+            "workers={workers} rejecter {rejecter} connection {i}"
         );
     }
 }
