@@ -52,9 +52,9 @@ fn rejected_source(rejecter: u32) -> Ipv4Addr {
 /// has moved on).
 static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
 
-/// The `n`th source address in 127.64.0.1-127.127.255.254, each used once (like
-/// `connect_spread`'s, whose mapping repeats an address every 254 numbers within
-/// a /24, which a per-IP limit of 1 would reject). Spread so that the TIME_WAIT
+/// The `n`th source address in 127.64.0.1-127.127.255.254, a different one for
+/// every `n` (unlike `connect_spread`'s, which gives 0 and 254 the same address,
+/// 127.64.0.1, and so trips a per-IP limit of 1). Spread so that the TIME_WAIT
 /// sockets of the churn do not exhaust the ephemeral ports of one address.
 fn source(n: u32) -> Ipv4Addr {
     Ipv4Addr::new(
