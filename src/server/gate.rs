@@ -137,3 +137,115 @@ fn data() -> epoll::EventData {
 fn flags() -> epoll::EventFlags {
     epoll::EventFlags::IN | epoll::EventFlags::ONESHOT
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    use mio::{Events, Poll};
+
+    /// Long enough for an armed listener with a connection queued to be reported
+    /// on any machine; a correct gate never needs it.
+    const DELIVERED: Duration = Duration::from_secs(10);
+    /// How long a poll waits for an event that must not come. A correct gate never
+    /// delivers one, however long this is, so a short wait cannot fail spuriously.
+    const NOTHING: Duration = Duration::from_millis(100);
+
+    /// An acceptor's epoll with a gated listener, as `Acceptor` has them.
+    fn gated() -> (Poll, TcpListener, Gate, SocketAddr) {
+        let poll = Poll::new().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let gate = Gate::new(poll.registry(), &listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        (poll, listener, gate, addr)
+    }
+
+    /// How many times the listener was reported by one poll (0 or 1: one-shot).
+    fn listener_events(poll: &mut Poll, timeout: Duration) -> usize {
+        let mut events = Events::with_capacity(8);
+        poll.poll(&mut events, Some(timeout)).unwrap();
+        events
+            .iter()
+            .inspect(|e| assert_eq!(e.token(), LISTENER))
+            .count()
+    }
+
+    #[test]
+    fn armed_at_start_fires_once_then_waits_for_arm() {
+        let (mut poll, listener, gate, addr) = gated();
+        assert!(!gate.is_disarmed());
+        let _first = TcpStream::connect(addr).unwrap();
+        assert_eq!(listener_events(&mut poll, DELIVERED), 1);
+        // The acceptor, woken: the listener has fired and is disarmed.
+        gate.disarmed();
+        assert!(gate.is_disarmed());
+        // Left in the accept queue (a ready listener), plus a new connection: a
+        // disarmed listener reports neither.
+        let _second = TcpStream::connect(addr).unwrap();
+        assert_eq!(listener_events(&mut poll, NOTHING), 0);
+        // A worker about to sleep arms it: the queued connections wake the
+        // acceptor at once.
+        gate.arm();
+        assert!(!gate.is_disarmed());
+        assert_eq!(listener_events(&mut poll, DELIVERED), 1);
+        // It fired again (one-shot) while `armed` still says armed: a second `arm`
+        // is no `EPOLL_CTL_MOD`, so the still-ready listener stays silent.
+        gate.arm();
+        assert_eq!(listener_events(&mut poll, NOTHING), 0);
+        // Once the acceptor has cleared `armed`, the next `arm` re-arms it.
+        gate.disarmed();
+        gate.arm();
+        assert_eq!(listener_events(&mut poll, DELIVERED), 1);
+        // Accepting everything makes it not ready: armed, it stays silent until
+        // the next connection, which it reports.
+        gate.disarmed();
+        while listener.accept().is_ok() {}
+        gate.arm();
+        assert_eq!(listener_events(&mut poll, NOTHING), 0);
+        let _third = TcpStream::connect(addr).unwrap();
+        assert_eq!(listener_events(&mut poll, DELIVERED), 1);
+    }
+
+    #[test]
+    fn hold_stops_arm_but_not_force_arm() {
+        let (mut poll, _listener, gate, addr) = gated();
+        let _queued = TcpStream::connect(addr).unwrap();
+        assert_eq!(listener_events(&mut poll, DELIVERED), 1);
+        gate.disarmed();
+        // An accept-error back-off: the acceptor's timer wakes it, not a worker.
+        gate.hold();
+        assert!(!gate.is_disarmed());
+        gate.arm();
+        assert_eq!(listener_events(&mut poll, NOTHING), 0);
+        // Shutdown: armed whatever `armed` says.
+        gate.force_arm();
+        assert_eq!(listener_events(&mut poll, DELIVERED), 1);
+        // And again, although `armed` is already true.
+        gate.force_arm();
+        assert_eq!(listener_events(&mut poll, DELIVERED), 1);
+    }
+
+    #[test]
+    fn close_stops_arming_and_lets_the_listener_close() {
+        let (mut poll, listener, gate, addr) = gated();
+        let _queued = TcpStream::connect(addr).unwrap();
+        assert_eq!(listener_events(&mut poll, DELIVERED), 1);
+        gate.disarmed();
+        gate.close();
+        assert!(gate.fds.lock().unwrap().is_none());
+        // The listener is still open and ready, but no longer registered: nothing
+        // arms it any more.
+        gate.disarmed();
+        gate.arm();
+        gate.force_arm();
+        assert_eq!(listener_events(&mut poll, NOTHING), 0);
+        // The gate's duplicate is closed too: once the acceptor drops its own
+        // listener, the port refuses connections (the gate is still alive here).
+        drop(listener);
+        let refused = TcpStream::connect(addr).expect_err("the listener outlived close()");
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        drop(gate);
+    }
+}
