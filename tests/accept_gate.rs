@@ -25,7 +25,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{ack, connect_from, end_case, heavy, read_exact_bytes, Server, WAIT};
+use common::{ack, connect_from, end_case, heavy, read_exact_bytes, spread_source, Server, WAIT};
 
 /// Client threads making short connections, and connections each makes.
 const CLIENTS: u32 = 4;
@@ -46,30 +46,17 @@ fn rejected_source(rejecter: u32) -> Ipv4Addr {
     Ipv4Addr::new(127, 63, 0, 1 + rejecter as u8)
 }
 
-/// Numbers the source addresses ([`source`]): one per connection over both
+/// Numbers the source addresses ([`spread_source`]): one per connection over both
 /// cases, so that no address is ever over the per-IP limit of 1 (a closed
 /// connection's slot is freed when the server notices the close, after the client
 /// has moved on).
 static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
 
-/// The `n`th source address in 127.64.0.1-127.127.255.254, a different one for
-/// every `n` (unlike `connect_spread`'s, which gives 0 and 254 the same address,
-/// 127.64.0.1, and so trips a per-IP limit of 1). Spread so that the TIME_WAIT
-/// sockets of the churn do not exhaust the ephemeral ports of one address.
-fn source(n: u32) -> Ipv4Addr {
-    Ipv4Addr::new(
-        127,
-        64 + (n / (256 * 254) % 64) as u8,
-        (n / 254 % 256) as u8,
-        1 + (n % 254) as u8,
-    )
-}
-
 /// A connection from the next unused source address; returns it and its number.
 fn connect_next(addr: SocketAddr) -> (TcpStream, u32) {
     let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
-    let c = connect_from(addr, source(n))
-        .unwrap_or_else(|e| panic!("connect from {} (source #{n}): {e}", source(n)));
+    let c = connect_from(addr, spread_source(n))
+        .unwrap_or_else(|e| panic!("connect from {} (source #{n}): {e}", spread_source(n)));
     (c, n)
 }
 

@@ -599,19 +599,25 @@ pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
 }
 /// A real Prometheus for the tests (tests/common/prometheus.rs).
 pub mod prometheus;
-/// A client socket to `addr` from source address 127.B.C.D chosen by `n` (over
-/// 127.64.0.1-127.127.255.254), with a connect timeout. Load loops that open
-/// thousands of connections use it so that their TIME_WAIT sockets are spread over
-/// many source addresses instead of exhausting the ephemeral ports of 127.0.0.1
-/// for every other test on the machine.
+/// The `n`th of the 4,161,536 source addresses 127.64.0.1-127.127.255.254, a
+/// different one for every `n` below that (so a per-IP limit never sees two).
+pub fn spread_source(n: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(
+        127,
+        64 + (n / (256 * 254) % 64) as u8,
+        (n / 254 % 256) as u8,
+        1 + (n % 254) as u8,
+    )
+}
+
+/// A client socket to `addr` from source address [`spread_source`]`(n)`, with a
+/// connect timeout. Load loops that open thousands of connections use it so that
+/// their TIME_WAIT sockets are spread over many source addresses instead of
+/// exhausting the ephemeral ports of 127.0.0.1 for every other test on the
+/// machine.
 pub fn connect_spread(addr: SocketAddr, n: u32, timeout: Duration) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
-    let source = std::net::Ipv4Addr::new(
-        127,
-        64 + ((n >> 16) % 64) as u8,
-        ((n >> 8) % 256) as u8,
-        1 + (n % 254) as u8,
-    );
+    let source = spread_source(n);
     let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
     sock.bind(&SocketAddr::from((source, 0)).into())?;
     sock.connect_timeout(&addr.into(), timeout)?;
