@@ -324,4 +324,33 @@ fn fd_exhaustion_backs_off_logs_little_and_recovers() {
     );
     let text = end_case(&server, clients.len() as f64);
     assert!(text.contains("process_open_fds"));
+    // Recovered and idle, the acceptor sleeps until the listener wakes it, not on
+    // a timer: a back-off that outlived its error would wake it within its
+    // longest pause (1 s) and leave new clients to that timer, since the listener
+    // is held while it runs (see `gate`). Seen failing with a 1 s poll timeout.
+    let before = acceptor_wakeups(server.pid());
+    std::thread::sleep(Duration::from_millis(2_500));
+    let after = acceptor_wakeups(server.pid());
+    assert_eq!(
+        before, after,
+        "the idle acceptor woke up: a back-off timer still running"
+    );
+}
+
+/// Voluntary context switches of the server's acceptor thread so far: each is a
+/// sleep, so an idle acceptor's count does not move.
+fn acceptor_wakeups(pid: u32) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == "acceptor" {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("voluntary_ctxt_switches");
+        }
+    }
+    panic!("no acceptor thread in /proc/{pid}/task");
 }
