@@ -9,14 +9,14 @@
 //! `bench/analysis.md`).
 //!
 //! So the listener is registered `EPOLLONESHOT`. Once it has fired, it stays
-//! disarmed while any worker is awake, and the connections that arrive meanwhile
-//! wait in the kernel's accept queue, waking nobody. A worker re-arms it when it
-//! has nothing left to do and is about to sleep: if connections are waiting, the
-//! acceptor wakes on this core at once (no interrupt, no preemption of work) and
-//! takes them all in one batch; if none are, the next one wakes the acceptor as
-//! before. The acceptor re-arms it itself when every worker is asleep, while it
-//! drains at shutdown, and never during an accept-error back-off (its own timer
-//! wakes it then).
+//! disarmed while every worker is awake, and the connections that arrive
+//! meanwhile wait in the kernel's accept queue, waking nobody. A worker re-arms it
+//! when it has nothing left to do and is about to sleep: if connections are
+//! waiting, the acceptor wakes on this core at once (no interrupt, no preemption
+//! of work) and takes them all in one batch; if none are, the next one wakes the
+//! acceptor as before. The acceptor re-arms it itself after a batch when any
+//! worker is asleep (a core with time to spare), and while it drains at shutdown;
+//! never during an accept-error back-off (its own timer wakes it then).
 //!
 //! A worker that never sleeps still re-arms it every [`ARM_EVERY_TURNS`] loop
 //! turns, so a saturated pool accepts at least that often, as a single-threaded
