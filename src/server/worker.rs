@@ -3,9 +3,10 @@
 //!
 //! The acceptor pushes connections onto this worker's bounded channel and wakes it
 //! through its `Waker`. In return, a worker that runs out of work re-arms the
-//! listener in the acceptor's epoll before it sleeps (see `gate`). When the acceptor drops its sender, the channel reports
-//! `Disconnected` after the last queued connection: that is the signal to drain,
-//! finish within the shutdown grace, and exit.
+//! listener in the acceptor's epoll before it sleeps (see `gate`). When the
+//! acceptor drops its sender, the channel reports `Disconnected` after the last
+//! queued connection: that is the signal to drain, finish within the shutdown
+//! grace, and exit.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
