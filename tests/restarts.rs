@@ -10,19 +10,14 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use common::load::{ping, Load, PingError, PING, PONG};
 use common::{connect_spread, http_get, metric_value, Server, WAIT};
 use rustix::process::Signal;
-
-/// The request every load client sends, and the reply it must get back.
-const PING: &[u8] = b"ping\n";
-const PONG: &[u8] = b"Server received \"ping\"\n";
 
 /// Source addresses for this test process: distinct across the tests of one run.
 static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
@@ -57,116 +52,53 @@ impl Tally {
     }
 }
 
-/// A bounded client load: `threads` clients, each connecting, sending [`PING`],
-/// reading [`PONG`] and closing, again and again (with `pause` between two), until
-/// `stop` is set or `max` connections have been tried.
-struct Load {
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicU64>,
-    threads: Vec<JoinHandle<Tally>>,
-}
+/// A bounded client load: `threads` clients, each a [`ping`] from its own source
+/// address, again and again (with `pause` between two), until finished or `max`
+/// connections have been tried.
+struct Clients(Load<PingError>);
 
-impl Load {
-    fn start(addr: SocketAddr, threads: usize, max: u32) -> Load {
-        Load::paced(addr, threads, max, Duration::ZERO)
+impl Clients {
+    fn start(addr: SocketAddr, threads: usize, max: u32) -> Clients {
+        Clients::paced(addr, threads, max, Duration::ZERO)
     }
 
-    fn paced(addr: SocketAddr, threads: usize, max: u32, pause: Duration) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let tried = Arc::new(AtomicU32::new(0));
-        let threads = (0..threads)
-            .map(|_| {
-                let (stop, answered, tried) = (stop.clone(), answered.clone(), tried.clone());
-                std::thread::spawn(move || {
-                    let mut tally = Tally::default();
-                    while !stop.load(Ordering::Relaxed)
-                        && tried.fetch_add(1, Ordering::Relaxed) < max
-                    {
-                        let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
-                        match one_client(addr, n) {
-                            Ok(()) => {
-                                tally.answered += 1;
-                                answered.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(Outcome::Refused) => {
-                                tally.refused += 1;
-                                // Nobody listens: do not spin on refusals.
-                                std::thread::sleep(Duration::from_millis(2));
-                            }
-                            Err(Outcome::Failed(what)) => tally.failed.push(what),
-                        }
-                        if !pause.is_zero() {
-                            std::thread::sleep(pause);
-                        }
-                    }
-                    tally
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            answered,
-            threads,
-        }
+    fn paced(addr: SocketAddr, threads: usize, max: u32, pause: Duration) -> Clients {
+        Clients(Load::start(threads, max, move || {
+            let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
+            let result = ping(addr, n, Duration::from_secs(5));
+            if let Err(PingError::Connect(_)) = result {
+                // Nobody listens: do not spin on refusals.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+            result
+        }))
     }
 
-    /// Waits (bounded) until at least `n` clients have been answered.
     fn wait_answered(&self, n: u64) {
-        common::wait_until(&format!("the load to reach {n} answers"), || {
-            self.answered.load(Ordering::Relaxed) >= n
-        });
+        self.0.wait_answered(n);
     }
 
     fn answered(&self) -> u64 {
-        self.answered.load(Ordering::Relaxed)
+        self.0.answered()
     }
 
     fn finish(self) -> Tally {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Tally::default();
-        for t in self.threads {
-            let t = t.join().expect("load thread");
-            all.answered += t.answered;
-            all.refused += t.refused;
-            all.failed.extend(t.failed);
-        }
-        all
-    }
-}
-
-enum Outcome {
-    Refused,
-    Failed(String),
-}
-
-fn one_client(addr: SocketAddr, n: u32) -> Result<(), Outcome> {
-    let mut s = match connect_spread(addr, n, Duration::from_secs(5)) {
-        Ok(s) => s,
-        Err(_) => return Err(Outcome::Refused),
-    };
-    let failed = |what: String| Outcome::Failed(what);
-    s.write_all(PING)
-        .map_err(|e| failed(format!("write: {e}")))?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while got.len() < PONG.len() {
-        match s.read(&mut buf) {
-            Ok(0) => {
-                return Err(failed(format!(
-                    "EOF after {:?}",
-                    String::from_utf8_lossy(&got)
-                )))
+        let (answered, errors) = self.0.finish();
+        let mut tally = Tally {
+            answered,
+            ..Tally::default()
+        };
+        for e in errors {
+            match e {
+                PingError::Connect(_) => tally.refused += 1,
+                PingError::Lost(what) => tally.failed.push(what),
             }
-            Ok(k) => got.extend_from_slice(&buf[..k]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(failed(format!("read after {got:?}: {e}"))),
         }
+        tally
     }
-    if got != PONG {
-        return Err(failed(format!("reply {:?}", String::from_utf8_lossy(&got))));
-    }
-    Ok(())
 }
 
 fn write_config(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
@@ -193,7 +125,7 @@ fn regression_no_connection_is_reset_when_the_listener_closes() {
     let mut total = Tally::default();
     for round in 0..10 {
         let mut server = Server::start(&["--config", &config]);
-        let load = Load::start(server.addr, 32, 3000);
+        let load = Clients::start(server.addr, 32, 3000);
         load.wait_answered(200);
         if round % 2 == 1 {
             server.signal(Signal::STOP);
@@ -249,7 +181,7 @@ fn drain_delay_keeps_accepting_while_not_ready_and_a_second_signal_exits_at_once
     for _ in 0..3 {
         let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
         assert!(
-            one_client(server.addr, n).is_ok(),
+            ping(server.addr, n, Duration::from_secs(5)).is_ok(),
             "a client during the drain delay was not answered:\n{}",
             server.log()
         );
@@ -332,7 +264,7 @@ fn reuse_port_lets_a_new_instance_take_over_with_no_client_error() {
     let listen = format!("127.0.0.1:{}", old.addr.port());
     let mut new = Server::start(&["--reuse-port", "--listen", &listen, "--workers", "2"]);
     assert_eq!(new.addr, old.addr);
-    let load = Load::start(old.addr, 16, 4000);
+    let load = Clients::start(old.addr, 16, 4000);
     load.wait_answered(300);
     old.signal(Signal::TERM);
     assert_eq!(old.wait_exit().code(), Some(0), "{}", old.log());
@@ -521,7 +453,13 @@ fn behind_haproxy_a_drain_delay_restarts_backends_with_no_client_error() {
     );
     // HAProxy is up once it answers through to a backend.
     let deadline = Instant::now() + WAIT;
-    while one_client(front, NEXT_SOURCE.fetch_add(1, Ordering::Relaxed)).is_err() {
+    while ping(
+        front,
+        NEXT_SOURCE.fetch_add(1, Ordering::Relaxed),
+        Duration::from_secs(5),
+    )
+    .is_err()
+    {
         assert!(
             Instant::now() < deadline,
             "HAProxy never answered on {front}"
@@ -529,7 +467,7 @@ fn behind_haproxy_a_drain_delay_restarts_backends_with_no_client_error() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Paced, so that the load outlasts two restarts without piling up connections.
-    let load = Load::paced(front, 8, 20_000, Duration::from_millis(10));
+    let load = Clients::paced(front, 8, 20_000, Duration::from_millis(10));
     load.wait_answered(200);
     for (old, args) in backends.iter_mut() {
         old.signal(Signal::TERM);

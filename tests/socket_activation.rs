@@ -6,18 +6,14 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{bin, connect_spread, http_get, LogTail, Server, WAIT};
-
-const PING: &[u8] = b"ping\n";
-const PONG: &[u8] = b"Server received \"ping\"\n";
+use common::load::{ping, Load, PingError};
+use common::{bin, http_get, LogTail, Server, WAIT};
 
 static NEXT_SOURCE: AtomicU32 = AtomicU32::new(1 << 20);
 
@@ -91,84 +87,14 @@ fn signal(pid: i32, sig: rustix::process::Signal) {
     rustix::process::kill_process(pid, sig).expect("kill");
 }
 
-/// One client: connect (from a spread source address), ping, read the whole reply.
-fn ping(addr: SocketAddr) -> Result<(), String> {
+/// One [`ping`] from the next source address, its error as text (a refusal too:
+/// across these restarts nobody may be refused).
+fn ping_once(addr: SocketAddr) -> Result<(), String> {
     let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
-    let mut s =
-        connect_spread(addr, n, Duration::from_secs(10)).map_err(|e| format!("connect: {e}"))?;
-    s.write_all(PING).map_err(|e| format!("write: {e}"))?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while got.len() < PONG.len() {
-        match s.read(&mut buf) {
-            Ok(0) => return Err(format!("EOF after {got:?}")),
-            Ok(k) => got.extend_from_slice(&buf[..k]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("read after {got:?}: {e}")),
-        }
-    }
-    match got == PONG {
-        true => Ok(()),
-        false => Err(format!("reply {:?}", String::from_utf8_lossy(&got))),
-    }
-}
-
-/// A bounded load of `threads` clients pinging one after another (at most `max`
-/// in all) until stopped; every error is kept, refusals included.
-struct Load {
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicU64>,
-    threads: Vec<JoinHandle<(u64, Vec<String>)>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, threads: usize, max: u32) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let tried = Arc::new(AtomicU32::new(0));
-        let threads = (0..threads)
-            .map(|_| {
-                let (stop, answered, tried) = (stop.clone(), answered.clone(), tried.clone());
-                std::thread::spawn(move || {
-                    let (mut ok, mut errors) = (0, Vec::new());
-                    while !stop.load(Ordering::Relaxed)
-                        && tried.fetch_add(1, Ordering::Relaxed) < max
-                    {
-                        match ping(addr) {
-                            Ok(()) => {
-                                ok += 1;
-                                answered.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => errors.push(e),
-                        }
-                    }
-                    (ok, errors)
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            answered,
-            threads,
-        }
-    }
-
-    fn wait_answered(&self, n: u64) {
-        common::wait_until(&format!("the load to reach {n} answers"), || {
-            self.answered.load(Ordering::Relaxed) >= n
-        });
-    }
-
-    fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = (0, Vec::new());
-        for t in self.threads {
-            let (ok, errors) = t.join().expect("load thread");
-            all.0 += ok;
-            all.1.extend(errors);
-        }
-        all
-    }
+    ping(addr, n, Duration::from_secs(10)).map_err(|e| match e {
+        PingError::Connect(e) => format!("connect: {e}"),
+        PingError::Lost(what) => what,
+    })
 }
 
 /// The sockets named `data` and `metrics` (as `FileDescriptorName=` does) are used;
@@ -198,7 +124,7 @@ fn socket_activation_answers_early_clients_and_restarts_refuse_nobody() {
     // Nothing runs sockpool yet: this connection waits in the kernel's queue and
     // its arrival is what starts sockpool.
     assert!(tree.children().is_empty(), "{}", tree.log());
-    ping(data).unwrap_or_else(|e| panic!("early client: {e}\n{}", tree.log()));
+    ping_once(data).unwrap_or_else(|e| panic!("early client: {e}\n{}", tree.log()));
     let log = tree.wait_log("metrics on http://", 1);
     assert!(
         log.contains(&format!(
@@ -222,7 +148,7 @@ fn socket_activation_answers_early_clients_and_restarts_refuse_nobody() {
     );
     assert_eq!(http_get(metrics, "/-/ready", &[]).0, 200);
 
-    let load = Load::start(data, 4, 3000);
+    let load = Load::start(4, 3000, move || ping_once(data));
     let mut answered = 0;
     for restart in 1..=2 {
         answered += 100;
@@ -268,7 +194,7 @@ fn unnamed_sockets_are_data_then_metrics() {
             .args([bin(), "serve", "--workers", "1"]),
     );
     tree.wait_log(&format!("Listening on {metrics}"), 1);
-    ping(data).unwrap_or_else(|e| panic!("{e}\n{}", tree.log()));
+    ping_once(data).unwrap_or_else(|e| panic!("{e}\n{}", tree.log()));
     let log = tree.wait_log("metrics on http://", 1);
     assert!(
         log.contains(&format!("listening on {data} (mode=ack")),

@@ -597,6 +597,8 @@ static HEAVY: Mutex<()> = Mutex::new(());
 pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
     HEAVY.lock().unwrap_or_else(PoisonError::into_inner)
 }
+/// A bounded background load of short clients (tests/common/load.rs).
+pub mod load;
 /// A real Prometheus for the tests (tests/common/prometheus.rs).
 pub mod prometheus;
 /// The `n`th of the 4,161,536 source addresses 127.64.0.1-127.127.255.254, a
