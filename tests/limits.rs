@@ -344,12 +344,8 @@ fn acceptor_wakeups(pid: u32) -> u64 {
         let dir = task.unwrap().path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         if comm.trim() == "acceptor" {
-            let status = std::fs::read_to_string(dir.join("status")).unwrap();
-            return status
-                .lines()
-                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-                .and_then(|v| v.trim().parse().ok())
-                .expect("voluntary_ctxt_switches");
+            let status = dir.join("status");
+            return common::status_field(&status.to_string_lossy(), "voluntary_ctxt_switches");
         }
     }
     panic!("no acceptor thread in /proc/{pid}/task");

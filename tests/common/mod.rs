@@ -552,15 +552,20 @@ pub fn connect_from(addr: SocketAddr, src: std::net::Ipv4Addr) -> std::io::Resul
     Ok(s.into())
 }
 
+/// A number field of a `/proc/.../status` file (`VmRSS:  123 kB` gives 123).
+pub fn status_field(status_path: &str, key: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(status_path).unwrap_or_else(|e| panic!("read {status_path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {status_path}"))
+}
+
 /// `VmRSS` of a process, in bytes.
 pub fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
+    status_field(&format!("/proc/{pid}/status"), "VmRSS") * 1024
 }
 
 /// Waits (bounded by [`WAIT`]) until `f` holds.
